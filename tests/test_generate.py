@@ -1,0 +1,56 @@
+"""Generation: greedy decoding token for token against the reference, sampling, and the CLI."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import load_json
+from tinyllava.generate import generate, sample
+
+
+@pytest.mark.parametrize("case", load_json("generation.json"), ids=lambda c: c["prompt"][:24])
+def test_greedy_32_tokens_equal_the_reference(decoder, case):
+    model, tok = decoder
+    ids = tok.encode(tok.chat([{"role": "user", "content": case["prompt"]}]))
+    assert ids == case["ids"]
+    new = list(generate(model, model.embed([ids]), 32, {tok.eos_id}))
+    assert new == case["new"], tok.decode(new)
+
+
+def test_greedy_equals_live_reference_on_other_prompts(decoder, reference):
+    model, tok = decoder
+    for prompt in ["What is a rainbow?", "Suggest a name for a dog."]:
+        ids = tok.encode(tok.chat([{"role": "user", "content": prompt}]))
+        assert list(generate(model, model.embed([ids]), 24, {tok.eos_id})) == reference.greedy(ids, 24)
+
+
+def test_sampling():
+    logits = np.log(np.array([0.1, 0.6, 0.3], np.float32))
+    rng = np.random.default_rng(0)
+    assert sample(logits) == 1
+    assert sample(logits, temp=1.0, top_k=1, rng=rng) == 1
+    assert sample(logits, temp=1.0, top_p=0.5, rng=rng) == 1            # 0.6 alone reaches the mass
+    draws = [sample(logits, temp=1.0, rng=rng) for _ in range(4000)]
+    assert np.allclose(np.bincount(draws, minlength=3) / 4000, [0.1, 0.6, 0.3], atol=0.03)
+    draws = [sample(logits, temp=1.0, top_k=2, rng=rng) for _ in range(4000)]
+    assert np.allclose(np.bincount(draws, minlength=3) / 4000, [0, 2 / 3, 1 / 3], atol=0.03)
+    a = [sample(logits, 1.0, rng=np.random.default_rng(5)) for _ in range(3)]
+    assert a == [sample(logits, 1.0, rng=np.random.default_rng(5)) for _ in range(3)]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tinyllava.generate", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_answers_the_reference_answer():
+    r = run_cli("-p", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "The capital of France is Paris.\n"
+
+
+def test_cli_rejects_an_empty_prompt_in_one_line():
+    r = run_cli("-p", "   ")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "empty" in r.stderr

@@ -1,0 +1,265 @@
+"""The LLaMA decoder (SmolLM2-135M): the language half of LLaVA, as pure functions over NumPy arrays.
+
+    ids -> embedding [B, T, d]
+        -> 30 x block:  x = x + attention(rms_norm(x))      (RoPE on q, k; 9 query heads share 3 kv heads)
+                        x = x + swiglu(rms_norm(x))
+        -> rms_norm -> x @ embedding.T (the output projection is tied to the embedding) -> logits [B, T, vocab]
+
+Each forward function takes its inputs and returns its output; its backward, right below it, takes the
+gradient of that output and the same inputs and returns the gradients of the inputs (recomputing what it
+needs instead of storing it). Training uses the backward functions (stage 1 of LLaVA); inference ignores them.
+Matrices are stored as in the GGUF, (n_out, n_in), so a linear layer is x @ W.T.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf import GGUFFile
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    ffn_dim: int = 1536
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    context_length: int = 8192
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_gguf(cls, g):
+        arch = g.require("general.architecture")
+        if arch != "llama":
+            g._fail(f"general.architecture is {arch!r}; the decoder must be a 'llama' GGUF")
+        p = f"{arch}."
+        return cls(vocab_size=len(g.require("tokenizer.ggml.tokens")), dim=g.require(p + "embedding_length"),
+                   n_layers=g.require(p + "block_count"), n_heads=g.require(p + "attention.head_count"),
+                   n_kv_heads=g.require(p + "attention.head_count_kv"),
+                   ffn_dim=g.require(p + "feed_forward_length"),
+                   norm_eps=g.require(p + "attention.layer_norm_rms_epsilon"),
+                   rope_theta=g.get(p + "rope.freq_base", 10000.0), context_length=g.require(p + "context_length"))
+
+
+# -- layers ----------------------------------------------------------------------------------------------
+def linear(x, w):  # [..., n_in], [n_out, n_in] -> [..., n_out]
+    # w is a float32 matrix, or a fused.QuantMatrix that keeps its quantized blocks and computes the same product
+    return x @ w.T if isinstance(w, np.ndarray) else w.matmul(x)
+
+
+def linear_backward(dy, x, w):  # [..., n_out], [..., n_in], [n_out, n_in] -> dx [..., n_in] (frozen w)
+    return dy @ w
+
+
+def rms_norm(x, w, eps):  # [..., d], [d] -> [..., d]
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rms_norm_backward(dy, x, w, eps):  # [..., d], [..., d], [d] -> dx [..., d]
+    r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # [..., 1]
+    g = dy * w                                                     # [..., d]
+    return r * g - x * (r ** 3) * np.mean(g * x, axis=-1, keepdims=True)
+
+
+def rope_angles(positions, head_dim, theta):  # [T] -> cos, sin [T, head_dim/2]
+    freqs = theta ** (-np.arange(0, head_dim, 2) / head_dim)    # [hd/2]
+    angles = np.outer(positions, freqs)                         # [T, hd/2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x, cos, sin):  # [B, T, H, hd], [T, hd/2] x2 -> [B, T, H, hd]
+    # rotate each adjacent pair (x[2i], x[2i+1]) by its angle: the GGUF converter permuted Q and K for this
+    x0, x1 = x[..., 0::2], x[..., 1::2]                         # [B, T, H, hd/2] each
+    c, s = cos[:, None, :], sin[:, None, :]                     # [T, 1, hd/2]
+    return np.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1).reshape(x.shape)
+
+
+def rope_backward(dy, cos, sin):  # the inverse rotation: [B, T, H, hd] -> [B, T, H, hd]
+    return rope(dy, cos, -sin)
+
+
+def softmax(x):  # [..., n] -> [..., n]
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(q, k, v, mask):  # [B, T, H, hd], [B, S, Hkv, hd] x2, [B, 1, T, S] bool -> [B, T, H, hd]
+    B, T, H, hd = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]: a group shares k, v
+    kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # [B, Hkv, 1, hd, S]
+    vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # [B, Hkv, 1, S, hd]
+    scores = qg @ kt / np.float32(np.sqrt(hd))                          # [B, Hkv, rep, T, S]
+    scores = np.where(mask[:, :, None], scores, np.float32(-np.inf))    # causal (and padding) mask
+    p = softmax(scores)                                                 # [B, Hkv, rep, T, S]
+    out = p @ vt                                                        # [B, Hkv, rep, T, hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
+def attention_backward(dout, q, k, v, mask):  # -> dq [B, T, H, hd], dk, dv [B, S, Hkv, hd]
+    B, T, H, hd = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]
+    kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # [B, Hkv, 1, hd, S]
+    vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # [B, Hkv, 1, S, hd]
+    scale = np.float32(1 / np.sqrt(hd))
+    p = softmax(np.where(mask[:, :, None], qg @ kt * scale, np.float32(-np.inf)))  # [B, Hkv, rep, T, S]
+    do = dout.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]
+    dv = (p.swapaxes(-1, -2) @ do).sum(axis=2)                          # [B, Hkv, S, hd]: summed over the group
+    dp = do @ vt.swapaxes(-1, -2)                                       # [B, Hkv, rep, T, S]
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale        # softmax backward, then the 1/sqrt(hd)
+    dq = ds @ kt.swapaxes(-1, -2)                                       # [B, Hkv, rep, T, hd]
+    dk = (ds.swapaxes(-1, -2) @ qg).sum(axis=2)                         # [B, Hkv, S, hd]
+    return (dq.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd),
+            dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3))
+
+
+def silu(x):  # [...] -> [...]
+    return x / (1 + np.exp(-x))
+
+
+def swiglu(x, w_gate, w_up, w_down):  # [..., d], [f, d], [f, d], [d, f] -> [..., d]
+    return linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+
+def swiglu_backward(dy, x, w_gate, w_up, w_down):  # [..., d] -> dx [..., d]
+    g, u = linear(x, w_gate), linear(x, w_up)                   # [..., f] each
+    sig = 1 / (1 + np.exp(-g))                                  # [..., f]
+    dh = linear_backward(dy, None, w_down)                      # [..., f]
+    dg = dh * u * sig * (1 + g * (1 - sig))                     # d silu(g) / dg = sig * (1 + g (1 - sig))
+    du = dh * g * sig
+    return linear_backward(dg, x, w_gate) + linear_backward(du, x, w_up)
+
+
+# -- the decoder -----------------------------------------------------------------------------------------
+@dataclass
+class Layer:
+    attn_norm: np.ndarray  # [d]
+    wq: np.ndarray         # [H*hd, d]
+    wk: np.ndarray         # [Hkv*hd, d]
+    wv: np.ndarray         # [Hkv*hd, d]
+    wo: np.ndarray         # [d, H*hd]
+    ffn_norm: np.ndarray   # [d]
+    w_gate: np.ndarray     # [f, d]
+    w_up: np.ndarray       # [f, d]
+    w_down: np.ndarray     # [d, f]
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, so each new token costs one position."""
+
+    def __init__(self, cfg, batch=1, max_len=2048):
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)  # [L, B, max_len, Hkv, hd]
+        self.v = np.zeros(shape, np.float32)  # [L, B, max_len, Hkv, hd]
+        self.length = 0
+
+    def copy(self):
+        new = object.__new__(KVCache)
+        new.k, new.v, new.length = self.k.copy(), self.v.copy(), self.length
+        return new
+
+
+def attention_layer(x, layer, cfg, cos, sin, mask, cache=None, i=0):  # [B, T, d] -> [B, T, d]
+    B, T, _ = x.shape
+    q = rope(linear(x, layer.wq).reshape(B, T, cfg.n_heads, cfg.head_dim), cos, sin)     # [B, T, H, hd]
+    k = rope(linear(x, layer.wk).reshape(B, T, cfg.n_kv_heads, cfg.head_dim), cos, sin)  # [B, T, Hkv, hd]
+    v = linear(x, layer.wv).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)                  # [B, T, Hkv, hd]
+    if cache is not None:  # append to the cache, attend over everything in it
+        start = cache.length
+        cache.k[i, :, start:start + T], cache.v[i, :, start:start + T] = k, v
+        k, v = cache.k[i, :, :start + T], cache.v[i, :, :start + T]                       # [B, S, Hkv, hd]
+    return linear(attention(q, k, v, mask).reshape(B, T, -1), layer.wo)                  # [B, T, d]
+
+
+def attention_layer_backward(dy, x, layer, cfg, cos, sin, mask):  # [B, T, d] -> dx [B, T, d]
+    B, T, _ = x.shape
+    q = rope(linear(x, layer.wq).reshape(B, T, cfg.n_heads, cfg.head_dim), cos, sin)     # [B, T, H, hd]
+    k = rope(linear(x, layer.wk).reshape(B, T, cfg.n_kv_heads, cfg.head_dim), cos, sin)  # [B, T, Hkv, hd]
+    v = linear(x, layer.wv).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)                  # [B, T, Hkv, hd]
+    da = linear_backward(dy, None, layer.wo).reshape(B, T, cfg.n_heads, cfg.head_dim)   # [B, T, H, hd]
+    dq, dk, dv = attention_backward(da, q, k, v, mask)
+    dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
+    return (linear_backward(dq.reshape(B, T, -1), x, layer.wq) + linear_backward(dk.reshape(B, T, -1), x, layer.wk)
+            + linear_backward(dv.reshape(B, T, -1), x, layer.wv))
+
+
+def block(x, layer, cfg, cos, sin, mask, cache=None, i=0):  # [B, T, d] -> [B, T, d]
+    h = x + attention_layer(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer, cfg, cos, sin, mask, cache, i)
+    return h + swiglu(rms_norm(h, layer.ffn_norm, cfg.norm_eps), layer.w_gate, layer.w_up, layer.w_down)
+
+
+def block_backward(dy, x, layer, cfg, cos, sin, mask):  # [B, T, d], block input [B, T, d] -> dx [B, T, d]
+    a = rms_norm(x, layer.attn_norm, cfg.norm_eps)                                         # recompute
+    h = x + attention_layer(a, layer, cfg, cos, sin, mask)                                 # [B, T, d]
+    dh = dy + rms_norm_backward(
+        swiglu_backward(dy, rms_norm(h, layer.ffn_norm, cfg.norm_eps), layer.w_gate, layer.w_up, layer.w_down),
+        h, layer.ffn_norm, cfg.norm_eps)
+    return dh + rms_norm_backward(attention_layer_backward(dh, a, layer, cfg, cos, sin, mask),
+                                  x, layer.attn_norm, cfg.norm_eps)
+
+
+def causal_mask(T, start=0, valid=None):  # -> [B or 1, 1, T, start+T] bool: may query t see key s?
+    """Query t (at position start+t) sees keys 0..start+t; `valid` [B, start+T] bool hides padding keys."""
+    S = start + T
+    mask = (np.arange(S)[None, :] <= start + np.arange(T)[:, None])[None, None]  # [1, 1, T, S]
+    return mask if valid is None else mask & valid[:, None, None, :]
+
+
+class Llama:
+    """SmolLM2 weights and the whole forward pass. `Llama.load(path)` dequantizes the GGUF to float32."""
+
+    def __init__(self, cfg, embedding, layers, norm):
+        self.cfg = cfg
+        self.embedding = embedding  # [vocab, d], also the output projection
+        self.layers = layers        # list of Layer
+        self.norm = norm            # [d]
+
+    @classmethod
+    def load(cls, path, load_matrix=None):
+        """Read a llama GGUF. Matrices become float32 arrays, or whatever `load_matrix(GGUFTensor)` makes."""
+        g = GGUFFile(path)
+        cfg = LlamaConfig.from_gguf(g)
+        mat = load_matrix or (lambda t: t.numpy())
+        vec = lambda name: g.tensor(name).numpy()  # noqa: E731 (norm weights are small float32 vectors)
+        layers = [Layer(vec(f"blk.{i}.attn_norm.weight"), mat(g.tensor(f"blk.{i}.attn_q.weight")),
+                        mat(g.tensor(f"blk.{i}.attn_k.weight")), mat(g.tensor(f"blk.{i}.attn_v.weight")),
+                        mat(g.tensor(f"blk.{i}.attn_output.weight")), vec(f"blk.{i}.ffn_norm.weight"),
+                        mat(g.tensor(f"blk.{i}.ffn_gate.weight")), mat(g.tensor(f"blk.{i}.ffn_up.weight")),
+                        mat(g.tensor(f"blk.{i}.ffn_down.weight"))) for i in range(cfg.n_layers)]
+        if "output.weight" in g.tensors:
+            g._fail("has a separate output.weight; tinyllava supports tied embeddings only (as in SmolLM2)")
+        model = cls(cfg, mat(g.tensor("token_embd.weight")), layers, vec("output_norm.weight"))
+        model.gguf = g
+        return model
+
+    def embed(self, ids):  # [B, T] int -> [B, T, d]
+        ids = np.asarray(ids)
+        if isinstance(self.embedding, np.ndarray):
+            return self.embedding[ids]
+        return self.embedding.rows(ids)
+
+    def forward(self, x, cache=None, valid=None, hidden_states=None):  # [B, T, d] -> [B, T, d]
+        """Run the blocks on input embeddings. With a cache, x continues the sequence the cache holds.
+        `valid` [B, S] bool marks real tokens (False = padding). `hidden_states`, if a list, gets each
+        block's output appended."""
+        B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        cos, sin = rope_angles(np.arange(start, start + T), self.cfg.head_dim, self.cfg.rope_theta)
+        mask = causal_mask(T, start, valid)
+        for i, layer in enumerate(self.layers):
+            x = block(x, layer, self.cfg, cos, sin, mask, cache, i)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if cache is not None:
+            cache.length += T
+        return x
+
+    def logits(self, h):  # [..., d] -> [..., vocab]
+        return linear(rms_norm(h, self.norm, self.cfg.norm_eps), self.embedding)
