@@ -37,7 +37,7 @@ def reference():
 
 @pytest.fixture(scope="session")
 def decoder_gguf():
-    return weights.ensure(weights.SMOLLM2)
+    return weights.decoder_path()
 
 
 def pytest_sessionfinish(session, exitstatus):

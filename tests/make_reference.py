@@ -100,10 +100,53 @@ def make_generation():
     (REF / "generation.json").write_text(json.dumps(out, ensure_ascii=True, indent=0))
 
 
-PARTS = {"tokenizer": make_tokenizer, "decoder": make_decoder, "generation": make_generation}
+# -- vision tower and preprocessing -----------------------------------------------------------------------
+VISION_PHOTOS = ["chelsea.png", "rocket.jpg"]       # fetched demo photos (real, odd sizes)
+VISION_TOKENS = [0, 1, 14, 50, 105, 150, 195, 196]  # saved positions of every hidden state (0 = class token)
+
+
+def synthetic_photo(seed, size=(173, 131)):
+    """A deterministic picture the tests make themselves: smooth colour fields and a few discs."""
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    rgb = np.stack([np.sin(6 * xx * rng.uniform(0.5, 2) + c) * 0.5 + 0.5 for c in rng.uniform(0, 6, 3)], -1)
+    img = Image.fromarray((rgb * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y, r = rng.integers(0, w), rng.integers(0, h), rng.integers(5, 40)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return img
+
+
+def vision_inputs():
+    from tinyllava.image import open_image
+    photos = weights.demo_photos()
+    return [open_image(photos[name]) for name in VISION_PHOTOS] + [synthetic_photo(0)]
+
+
+def to_levels(pixels):  # normalized [.., 3, H, W] -> the 8-bit levels they came from (uint8)
+    from tinyllava.convert import CLIP_MEAN, CLIP_STD
+    x = pixels * np.array(CLIP_STD)[:, None, None] + np.array(CLIP_MEAN)[:, None, None]
+    return np.round(x * 255).clip(0, 255).astype(np.uint8)
+
+
+def make_vision():
+    images = vision_inputs()
+    proc = ref.image_processor()
+    pixels = np.stack([proc(images=im, return_tensors="np")["pixel_values"][0] for im in images])
+    hidden, embeds = ref.vision_activations(pixels)
+    np.savez_compressed(REF / "vision.npz", levels=to_levels(pixels), tokens=np.array(VISION_TOKENS),
+                        hidden=hidden[:, :, VISION_TOKENS], image_embeds=embeds)
+    print(f"vision: {len(images)} images, hidden {hidden.shape} saved at {len(VISION_TOKENS)} positions")
+
+
+PARTS = {"tokenizer": make_tokenizer, "decoder": make_decoder, "generation": make_generation,
+         "vision": make_vision}
 
 if __name__ == "__main__":
     REF.mkdir(exist_ok=True)
-    weights.ensure(weights.SMOLLM2)
+    weights.decoder_path()
     for name in sys.argv[1:] or PARTS:
         PARTS[name]()

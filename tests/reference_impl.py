@@ -31,7 +31,7 @@ def available():
 def tokenizer():
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
-    path = weights.ensure(weights.SMOLLM2)
+    path = weights.decoder_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     bt = tok.backend_tokenizer
     bt.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bt.pre_tokenizer])
@@ -43,7 +43,7 @@ def decoder():
     import torch
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    path = weights.ensure(weights.SMOLLM2)
+    path = weights.decoder_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
@@ -72,3 +72,51 @@ def greedy(ids, n):
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     return out[0, len(ids):].tolist()
+
+
+@functools.lru_cache(maxsize=None)
+def vision_tower():
+    """transformers' CLIPVisionModelWithProjection holding exactly the weights of tinyllava's CLIP GGUF,
+    dequantized by the gguf package (not by tinyllava)."""
+    import gguf
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    r = gguf.GGUFReader(weights.vision_path())
+    t = {x.name: torch.from_numpy(np.array(gguf.quants.dequantize(x.data, x.tensor_type), np.float32)
+                                  .reshape([int(d) for d in reversed(x.shape)])) for x in r.tensors}
+    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                           projection_dim=512)
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "ln1": "layer_norm1",
+             "ln2": "layer_norm2"}
+    sd = {"vision_model.embeddings.patch_embedding.weight": t["v.patch_embd.weight"],
+          "vision_model.embeddings.class_embedding": t["v.class_embd"],
+          "vision_model.embeddings.position_embedding.weight": t["v.position_embd.weight"],
+          "vision_model.pre_layrnorm.weight": t["v.pre_ln.weight"], "vision_model.pre_layrnorm.bias": t["v.pre_ln.bias"],
+          "vision_model.post_layernorm.weight": t["v.post_ln.weight"],
+          "vision_model.post_layernorm.bias": t["v.post_ln.bias"],
+          "visual_projection.weight": t["v.visual_proj.weight"]}
+    for i in range(12):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                sd[f"vision_model.encoder.layers.{i}.{theirs}.{kind}"] = t[f"v.blk.{i}.{ours}.{kind}"]
+    model = CLIPVisionModelWithProjection(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in m for m in missing), (missing, unexpected)
+    return model.eval()
+
+
+def image_processor():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    return CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                 resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                 image_std=[0.26862954, 0.26130258, 0.27577711])
+
+
+def vision_activations(pixels):
+    """pixels [B, 3, 224, 224] -> hidden states [13, B, 197, 768], image_embeds [B, 512] (float32)."""
+    import torch
+    with torch.no_grad():
+        out = vision_tower()(pixel_values=torch.from_numpy(np.asarray(pixels, np.float32)), output_hidden_states=True)
+    return np.stack([h.numpy() for h in out.hidden_states]), out.image_embeds.numpy()

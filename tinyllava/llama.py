@@ -89,14 +89,15 @@ def softmax(x):  # [..., n] -> [..., n]
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q, k, v, mask):  # [B, T, H, hd], [B, S, Hkv, hd] x2, [B, 1, T, S] bool -> [B, T, H, hd]
+def attention(q, k, v, mask):  # [B, T, H, hd], [B, S, Hkv, hd] x2, [B, 1, T, S] bool or None -> [B, T, H, hd]
     B, T, H, hd = q.shape
     Hkv = k.shape[2]
     qg = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]: a group shares k, v
     kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # [B, Hkv, 1, hd, S]
     vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # [B, Hkv, 1, S, hd]
     scores = qg @ kt / np.float32(np.sqrt(hd))                          # [B, Hkv, rep, T, S]
-    scores = np.where(mask[:, :, None], scores, np.float32(-np.inf))    # causal (and padding) mask
+    if mask is not None:                                                # causal (and padding) mask
+        scores = np.where(mask[:, :, None], scores, np.float32(-np.inf))
     p = softmax(scores)                                                 # [B, Hkv, rep, T, S]
     out = p @ vt                                                        # [B, Hkv, rep, T, hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
