@@ -142,8 +142,19 @@ def make_vision():
     print(f"vision: {len(images)} images, hidden {hidden.shape} saved at {len(VISION_TOKENS)} positions")
 
 
+# -- gradient through the real decoder ---------------------------------------------------------------------
+def make_gradient():
+    from test_backward import real_example
+    from tinyllava.generate import load_decoder
+    model, tok = load_decoder()
+    x, at, targets = real_example(model, tok)
+    loss, grad = ref.hf_input_grad(x, at, targets)
+    np.savez_compressed(REF / "gradient.npz", x=x, loss=np.float64(loss), grad=grad)
+    print(f"gradient: loss {loss:.4f} over {len(targets)} tokens, |grad| max {np.abs(grad).max():.3e}")
+
+
 PARTS = {"tokenizer": make_tokenizer, "decoder": make_decoder, "generation": make_generation,
-         "vision": make_vision}
+         "vision": make_vision, "gradient": make_gradient}
 
 if __name__ == "__main__":
     REF.mkdir(exist_ok=True)

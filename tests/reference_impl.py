@@ -120,3 +120,56 @@ def vision_activations(pixels):
     with torch.no_grad():
         out = vision_tower()(pixel_values=torch.from_numpy(np.asarray(pixels, np.float32)), output_hidden_states=True)
     return np.stack([h.numpy() for h in out.hidden_states]), out.image_embeds.numpy()
+
+
+# -- torch autograd on the same numbers: the gradient reference ------------------------------------------
+def torch_decoder_loss(model, x, at, targets, positions, mask):
+    """The decoder's summed next-token loss written in torch ops on tinyllava's own weights (GGUF layout: RoPE
+    on adjacent pairs), so autograd gives the gradient tinyllava's hand-written backward must reproduce.
+    x [B, T, d] (NumPy); at, targets [N]; positions [T] or [B, T]; mask [B or 1, 1, T, S] bool.
+    -> (loss: torch scalar, x: the torch leaf whose .grad the caller reads after loss.backward())"""
+    import torch
+    cfg = model.cfg
+    dt = torch.float64 if x.dtype == np.float64 else torch.float32
+    T_ = lambda a: torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
+    xt = T_(x).requires_grad_(True)
+    B, T, d = x.shape
+    hd, H, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    freqs = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.as_tensor(np.asarray(positions), dtype=torch.float64)[..., None] * freqs
+    cos, sin = torch.cos(ang).to(torch.float32).to(dt)[..., None, :], torch.sin(ang).to(torch.float32).to(dt)[..., None, :]
+
+    def rms(v, w):
+        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + cfg.norm_eps) * T_(w)
+
+    def rope(v):  # [B, T, h, hd]
+        v0, v1 = v[..., 0::2], v[..., 1::2]
+        return torch.stack([v0 * cos - v1 * sin, v0 * sin + v1 * cos], -1).reshape(v.shape)
+
+    m = torch.as_tensor(np.asarray(mask))
+    h = xt
+    for L in model.layers:
+        a = rms(h, L.attn_norm)
+        q = rope((a @ T_(L.wq).T).reshape(B, T, H, hd)).transpose(1, 2)
+        k = rope((a @ T_(L.wk).T).reshape(B, T, Hkv, hd)).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        v = (a @ T_(L.wv).T).reshape(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        s = (q @ k.transpose(-1, -2)) / np.sqrt(hd)
+        p = torch.softmax(s.masked_fill(~m, float("-inf")), -1)
+        h = h + (p @ v).transpose(1, 2).reshape(B, T, d) @ T_(L.wo).T
+        f = rms(h, L.ffn_norm)
+        h = h + (torch.nn.functional.silu(f @ T_(L.w_gate).T) * (f @ T_(L.w_up).T)) @ T_(L.w_down).T
+    logits = rms(h.reshape(B * T, d)[torch.as_tensor(at)], model.norm) @ T_(model.embedding).T
+    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets), reduction="sum")
+    return loss, xt
+
+
+def hf_input_grad(ids_or_x, at, targets):
+    """The real decoder in transformers (float32): summed loss of `targets` at positions `at` of one plain
+    causal sequence of input embeddings x [T, d], and its gradient d loss / d x. -> (loss, grad [T, d])"""
+    import torch
+    model = decoder()
+    x = torch.as_tensor(np.asarray(ids_or_x, np.float32))[None].requires_grad_(True)
+    logits = model(inputs_embeds=x).logits[0]
+    loss = torch.nn.functional.cross_entropy(logits[torch.as_tensor(at)], torch.as_tensor(targets), reduction="sum")
+    loss.backward()
+    return float(loss.detach()), x.grad[0].numpy()

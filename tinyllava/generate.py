@@ -79,58 +79,131 @@ class TextStream:
         return self.utf8.decode(b"", final=True)
 
 
-def load_decoder(path=None, fused=False):
+def load_decoder(path=None, load_matrix=None):
     """The SmolLM2 decoder and its tokenizer (fetched on first use when no path is given)."""
     from .llama import Llama
     from .tokenizer import Tokenizer
     from .weights import decoder_path
-    model = Llama.load(path or decoder_path())
+    model = Llama.load(path or decoder_path(), load_matrix)
     return model, Tokenizer.from_gguf(model.gguf)
 
 
+def stream_answer(model, tok, x, args, cache=None, out=sys.stdout):
+    """Generate after the prompt embeddings x [1, T, d], printing text as it comes. -> the token ids"""
+    stream, ids = TextStream(tok), []
+    for t in generate(model, x, args.n_predict, {tok.eos_id}, args.temp, args.top_k, args.top_p, args.seed,
+                      cache=cache, on_step=getattr(args, "on_step", None)):
+        ids.append(t)
+        if t != tok.eos_id:
+            out.write(stream.push(t))
+            out.flush()
+    out.write(stream.flush() + "\n")
+    out.flush()
+    return ids
+
+
+def check_text(text, what="the prompt"):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TinyLlavaError(f"{what} is not valid UTF-8") from None
+    if not text.strip():
+        raise TinyLlavaError(f"{what} is empty")
+    return text
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tinyllava.generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("-p", "--prompt", default="What is the capital of France?", help="the user's message")
+    ap = argparse.ArgumentParser(
+        prog="python -m tinyllava.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ + """
+  python -m tinyllava.generate                                  # caption a demo photo
+  python -m tinyllava.generate --image cat.jpg                  # caption your photo
+  python -m tinyllava.generate --image cat.jpg -p "What is the cat doing?"
+  python -m tinyllava.generate --image cat.jpg --chat           # talk about it, turn by turn
+  python -m tinyllava.generate -p "What is the capital of France?"   # text only
+""")
+    ap.add_argument("--image", action="append", metavar="PATH", help="an image (repeat for several)")
+    ap.add_argument("-p", "--prompt", help="the user's message (with an image and no prompt: caption it)")
+    ap.add_argument("--chat", action="store_true", help="a conversation: read more turns from stdin")
     ap.add_argument("-sys", "--system-prompt", help="system message (default: the model's own)")
-    ap.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens to generate (default 256)")
+    ap.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens to generate per answer (256)")
     ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     ap.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling")
+    ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--projector", help="projector GGUF (default: weights/projector.gguf, trained here)")
+    ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
     args = ap.parse_args(argv)
 
     with cli_errors("tinyllava.generate"):
-        try:
-            args.prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise TinyLlavaError("the prompt is not valid UTF-8") from None
-        if not args.prompt.strip():
-            raise TinyLlavaError("the prompt is empty")
+        if args.prompt is not None:
+            check_text(args.prompt)
         if args.n_predict < 1:
             raise TinyLlavaError("-n must be at least 1")
+        if not 0 < args.top_p <= 1 or args.top_k < 0 or args.temp < 0:
+            raise TinyLlavaError("--temp and --top-k must be >= 0, --top-p in (0, 1]")
         t0 = time.perf_counter()
-        model, tok = load_decoder(args.model)
-        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + \
-            [{"role": "user", "content": args.prompt}]
-        ids = tok.encode(tok.chat(messages))
-        if len(ids) >= model.cfg.context_length:
-            raise TinyLlavaError(f"the prompt is {len(ids)} tokens, longer than the context "
-                                 f"({model.cfg.context_length})")
-        n = min(args.n_predict, model.cfg.context_length - len(ids))
+        images = args.image or []
+        if not images and args.prompt is None and not args.chat:  # no arguments: a demo photo
+            from .weights import demo_photos
+            images = [demo_photos()["chelsea.png"]]
+            print(f"(no --image given: captioning the demo photo {images[0]})", file=sys.stderr)
+        if images:
+            from .image import preprocess
+            from .model import load_llava
+            pixels = [preprocess(p, pad=not args.crop) for p in images]  # bad images fail before loading
+            llava = load_llava(args.projector, args.model)
+            model, tok = llava.decoder, llava.tok
+            tokens = [llava.image_tokens(px[None])[0] for px in pixels]   # [196, d] each
+        else:
+            from .model import Llava
+            model, tok = load_decoder(args.model)
+            llava, tokens = Llava(model, tok), []
         t1 = time.perf_counter()
-        stream, count = TextStream(tok), 0
-        for t in generate(model, model.embed([ids]), n, {tok.eos_id}, args.temp, args.top_k, args.top_p,
-                          args.seed):
-            count += 1
-            if t != tok.eos_id:
-                sys.stdout.write(stream.push(t))
-                sys.stdout.flush()
-        sys.stdout.write(stream.flush() + "\n")
+        count = 0
+        if images and args.prompt is None and not args.chat:  # captions: the plain template, image by image
+            for path, x in zip(images, tokens):
+                if len(images) > 1:
+                    sys.stdout.write(f"{path}: ")
+                count += len(stream_answer(model, tok, x[None], args))
+        else:
+            from .model import chat_prompt
+            question = args.prompt if args.prompt is not None else check_text(input_turn(), "the question")
+            if images:
+                text = chat_prompt(tok, question, len(images), args.system_prompt)
+            else:
+                text = tok.chat(([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+                                + [{"role": "user", "content": question}])
+            x, _ = llava.embed(text, tokens)
+            if x.shape[1] + 1 > model.cfg.context_length:
+                raise TinyLlavaError(f"the prompt is {x.shape[1]} tokens, longer than the context "
+                                     f"({model.cfg.context_length})")
+            cache = KVCache(model.cfg, 1, model.cfg.context_length)  # zeros: pages are touched only when used
+            args.n_predict = min(args.n_predict, model.cfg.context_length - x.shape[1])
+            ids = stream_answer(model, tok, x, args, cache)
+            count += len(ids)
+            while args.chat and (question := input_turn()) is not None:
+                # the last answer's final token was sampled but never fed in: it opens the next turn
+                turn = [ids[-1]] + ([] if ids[-1] == tok.eos_id else [tok.eos_id]) + \
+                    tok.encode(f"\n<|im_start|>user\n{check_text(question)}<|im_end|>\n<|im_start|>assistant\n")
+                room = model.cfg.context_length - cache.length - len(turn)
+                if room < 1:
+                    raise TinyLlavaError(f"the conversation has filled the context ({model.cfg.context_length})")
+                args.n_predict = min(args.n_predict, room)
+                ids = stream_answer(model, tok, model.embed([turn]), args, cache)
+                count += len(ids)
         t2 = time.perf_counter()
-        print(f"[load {t1 - t0:.1f} s, prompt {len(ids)} tokens, {count} tokens in {t2 - t1:.1f} s, "
-              f"{count / (t2 - t1):.1f} tok/s]", file=sys.stderr)
+        print(f"[load {t1 - t0:.1f} s, {count} tokens in {t2 - t1:.1f} s, {count / (t2 - t1):.1f} tok/s]",
+              file=sys.stderr)
+
+
+def input_turn():
+    """One line from the user (stdin), or None at the end of input."""
+    if sys.stdin.isatty():
+        print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ gradient of that output and the same inputs and returns the gradients of the inp
 needs instead of storing it). Training uses the backward functions (stage 1 of LLaVA); inference ignores them.
 Matrices are stored as in the GGUF, (n_out, n_in), so a linear layer is x @ W.T.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import TinyLlavaError
 from .gguf import GGUFFile
 
 
@@ -67,16 +69,16 @@ def rms_norm_backward(dy, x, w, eps):  # [..., d], [..., d], [d] -> dx [..., d]
     return r * g - x * (r ** 3) * np.mean(g * x, axis=-1, keepdims=True)
 
 
-def rope_angles(positions, head_dim, theta):  # [T] -> cos, sin [T, head_dim/2]
+def rope_angles(positions, head_dim, theta):  # [T] or [B, T] -> cos, sin [(B,) T, head_dim/2]
     freqs = theta ** (-np.arange(0, head_dim, 2) / head_dim)    # [hd/2]
-    angles = np.outer(positions, freqs)                         # [T, hd/2]
+    angles = np.asarray(positions)[..., None] * freqs           # [(B,) T, hd/2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def rope(x, cos, sin):  # [B, T, H, hd], [T, hd/2] x2 -> [B, T, H, hd]
+def rope(x, cos, sin):  # [B, T, H, hd], [(B,) T, hd/2] x2 -> [B, T, H, hd]
     # rotate each adjacent pair (x[2i], x[2i+1]) by its angle: the GGUF converter permuted Q and K for this
     x0, x1 = x[..., 0::2], x[..., 1::2]                         # [B, T, H, hd/2] each
-    c, s = cos[:, None, :], sin[:, None, :]                     # [T, 1, hd/2]
+    c, s = cos[..., None, :], sin[..., None, :]                 # [(B,) T, 1, hd/2]
     return np.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1).reshape(x.shape)
 
 
@@ -95,7 +97,7 @@ def attention(q, k, v, mask):  # [B, T, H, hd], [B, S, Hkv, hd] x2, [B, 1, T, S]
     qg = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]: a group shares k, v
     kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # [B, Hkv, 1, hd, S]
     vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # [B, Hkv, 1, S, hd]
-    scores = qg @ kt / np.float32(np.sqrt(hd))                          # [B, Hkv, rep, T, S]
+    scores = qg @ kt / math.sqrt(hd)                                    # [B, Hkv, rep, T, S]
     if mask is not None:                                                # causal (and padding) mask
         scores = np.where(mask[:, :, None], scores, np.float32(-np.inf))
     p = softmax(scores)                                                 # [B, Hkv, rep, T, S]
@@ -109,7 +111,7 @@ def attention_backward(dout, q, k, v, mask):  # -> dq [B, T, H, hd], dk, dv [B, 
     qg = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]
     kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # [B, Hkv, 1, hd, S]
     vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # [B, Hkv, 1, S, hd]
-    scale = np.float32(1 / np.sqrt(hd))
+    scale = 1 / math.sqrt(hd)  # a Python float keeps the arrays' precision (float32 or float64)
     p = softmax(np.where(mask[:, :, None], qg @ kt * scale, np.float32(-np.inf)))  # [B, Hkv, rep, T, S]
     do = dout.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]
     dv = (p.swapaxes(-1, -2) @ do).sum(axis=2)                          # [B, Hkv, S, hd]: summed over the group
@@ -155,10 +157,10 @@ class Layer:
 class KVCache:
     """Keys and values of every layer for the positions seen so far, so each new token costs one position."""
 
-    def __init__(self, cfg, batch=1, max_len=2048):
+    def __init__(self, cfg, batch=1, max_len=2048, dtype=np.float32):
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)  # [L, B, max_len, Hkv, hd]
-        self.v = np.zeros(shape, np.float32)  # [L, B, max_len, Hkv, hd]
+        self.k = np.zeros(shape, dtype)  # [L, B, max_len, Hkv, hd]; zeros: memory is taken only as it fills
+        self.v = np.zeros(shape, dtype)  # [L, B, max_len, Hkv, hd]
         self.length = 0
 
     def copy(self):
@@ -172,10 +174,13 @@ def attention_layer(x, layer, cfg, cos, sin, mask, cache=None, i=0):  # [B, T, d
     q = rope(linear(x, layer.wq).reshape(B, T, cfg.n_heads, cfg.head_dim), cos, sin)     # [B, T, H, hd]
     k = rope(linear(x, layer.wk).reshape(B, T, cfg.n_kv_heads, cfg.head_dim), cos, sin)  # [B, T, Hkv, hd]
     v = linear(x, layer.wv).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)                  # [B, T, Hkv, hd]
-    if cache is not None:  # append to the cache, attend over everything in it
+    if cache is not None and cache.k.shape[1] == B:  # append to the cache, attend over everything in it
         start = cache.length
         cache.k[i, :, start:start + T], cache.v[i, :, start:start + T] = k, v
         k, v = cache.k[i, :, :start + T], cache.v[i, :, :start + T]                       # [B, S, Hkv, hd]
+    elif cache is not None:  # one cached prefix shared by B continuations (left unchanged)
+        pk, pv = (np.broadcast_to(c[i, :, :cache.length], (B, cache.length, *k.shape[2:])) for c in (cache.k, cache.v))
+        k, v = np.concatenate([pk, k], axis=1), np.concatenate([pv, v], axis=1)           # [B, S, Hkv, hd]
     return linear(attention(q, k, v, mask).reshape(B, T, -1), layer.wo)                  # [B, T, d]
 
 
@@ -246,21 +251,65 @@ class Llama:
             return self.embedding[ids]
         return self.embedding.rows(ids)
 
-    def forward(self, x, cache=None, valid=None, hidden_states=None):  # [B, T, d] -> [B, T, d]
-        """Run the blocks on input embeddings. With a cache, x continues the sequence the cache holds.
-        `valid` [B, S] bool marks real tokens (False = padding). `hidden_states`, if a list, gets each
-        block's output appended."""
+    def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None):
+        """Run the blocks on input embeddings [B, T, d] -> [B, T, d]. With a cache, x continues the sequence the
+        cache holds; a cache of batch 1 under B > 1 sequences is a prefix they all share, read but not extended.
+        `valid` [B, S] bool marks real tokens (False = padding). `hidden_states`, if a list, gets
+        each block's output appended. `positions` [T] and `mask` [B or 1, 1, T, S] replace the plain causal
+        layout, for several sequences packed into one (see model.pack)."""
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
-        cos, sin = rope_angles(np.arange(start, start + T), self.cfg.head_dim, self.cfg.rope_theta)
-        mask = causal_mask(T, start, valid)
+        if cache is not None and cache.k.shape[1] == B and start + T > cache.k.shape[2]:
+            raise TinyLlavaError(f"{start + T} positions do not fit in the KV cache ({cache.k.shape[2]})")
+        positions = np.arange(start, start + T) if positions is None else positions
+        mask = causal_mask(T, start, valid) if mask is None else mask
+        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(self.layers):
             x = block(x, layer, self.cfg, cos, sin, mask, cache, i)
             if hidden_states is not None:
                 hidden_states.append(x)
-        if cache is not None:
+        if cache is not None and cache.k.shape[1] == B:
             cache.length += T
         return x
 
     def logits(self, h):  # [..., d] -> [..., vocab]
         return linear(rms_norm(h, self.norm, self.cfg.norm_eps), self.embedding)
+
+    def backward(self, dh, x, hidden_states, positions, mask):  # d(last block's output) -> d(x) [B, T, d]
+        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        inputs = [x] + hidden_states[:-1]                      # each block's input
+        for layer, xi in zip(reversed(self.layers), reversed(inputs)):
+            dh = block_backward(dh, xi, layer, self.cfg, cos, sin, mask)
+        return dh
+
+    def loss_and_grad(self, x, at, targets, positions=None, mask=None):
+        """Cross-entropy of chosen next tokens, and its gradient with respect to the input embeddings.
+        x [B, T, d]; at [N]: flat indices into B*T of the positions scored (one may repeat: in a packed
+        sequence the last image token predicts the first word of every caption); targets [N]: the token each
+        should predict. -> (summed loss, d(summed loss)/dx [B, T, d]). The weights stay frozen."""
+        B, T, d = x.shape
+        positions = np.arange(T) if positions is None else positions
+        mask = causal_mask(T) if mask is None else mask
+        hidden = []
+        h = self.forward(x, hidden_states=hidden, positions=positions, mask=mask)   # [B, T, d]
+        hs = h.reshape(-1, d)[at]                                                    # [N, d]
+        n = rms_norm(hs, self.norm, self.cfg.norm_eps)                               # [N, d]
+        logits = linear(n, self.embedding)                                           # [N, vocab]
+        loss = cross_entropy(logits, targets)
+        dlogits = cross_entropy_backward(logits, targets)                            # [N, vocab]
+        dh = np.zeros((B * T, d), h.dtype)
+        np.add.at(dh, at, rms_norm_backward(linear_backward(dlogits, n, self.embedding), hs, self.norm,
+                                            self.cfg.norm_eps))
+        return loss, self.backward(dh.reshape(B, T, d), x, hidden, positions, mask)
+
+
+def cross_entropy(logits, targets):  # [N, vocab], [N] -> summed -log p(target)
+    z = logits - logits.max(axis=-1, keepdims=True)                               # [N, vocab]
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))                      # [N, vocab]
+    return float(-logp[np.arange(len(targets)), targets].sum())
+
+
+def cross_entropy_backward(logits, targets):  # [N, vocab], [N] -> d(summed loss)/d(logits) [N, vocab]
+    d = softmax(logits)
+    d[np.arange(len(targets)), targets] -= 1
+    return d

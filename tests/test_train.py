@@ -1,0 +1,104 @@
+"""Stage-1 training: the optimizer, the schedule, checkpoints and exact resume, on a synthetic dataset."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tinyllava.errors import TinyLlavaError
+from tinyllava.gguf import GGUFError
+from tinyllava.projector import Projector
+from tinyllava.train import AdamW, load_checkpoint, lr_at, parser, train
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lrs = [lr_at(s, 100, 1e-3, 3) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 / 3) and lrs[2] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 1e-6
+
+
+def test_adamw_matches_torch(reference):
+    import torch
+    rng = np.random.default_rng(0)
+    p = {"w": rng.standard_normal((3, 4)).astype(np.float32)}
+    tp = torch.tensor(p["w"].copy(), requires_grad=True)
+    opt, topt = AdamW(p, weight_decay=0.1), torch.optim.AdamW([tp], lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        g = rng.standard_normal((3, 4)).astype(np.float32)
+        opt.step(p, {"w": g}, 1e-2)
+        tp.grad = torch.tensor(g)
+        topt.step()
+    np.testing.assert_allclose(p["w"], tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def run_args(data, cache, out, model, *extra):
+    return parser().parse_args(["--data", str(data), "--cache", str(cache), "--out", str(out), "--model", str(model),
+                                "--batch", "4", "--steps", "8", "--checkpoint-every", "1", "--eval-every", "4",
+                                "--dev-images", "2", "--captions", "1", *extra])
+
+
+def test_training_lowers_the_loss(synthetic_data, tiny_decoder, tmp_path):
+    data, cache = synthetic_data
+    train(run_args(data, cache, tmp_path / "run", tiny_decoder, "--steps", "30", "--lr", "3e-3"), log=lambda s: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 30 and [r["step"] for r in log] == list(range(30))
+    assert np.mean([r["loss"] for r in log[-5:]]) < np.mean([r["loss"] for r in log[:5]]) - 0.5
+    proj = Projector.load(tmp_path / "run" / "projector.gguf")
+    assert proj.kind == "mlp2x_gelu" and proj.params["w0"].shape == (32, 768)
+
+
+def train_cmd(data, cache, out, model):
+    return [sys.executable, "-m", "tinyllava.train", "--data", str(data), "--cache", str(cache), "--out", str(out),
+            "--model", str(model), "--batch", "4", "--steps", "12", "--checkpoint-every", "1", "--eval-every", "5",
+            "--dev-images", "2", "--captions", "1", "--seed", "3"]
+
+
+def test_sigkill_at_random_points_then_resume_gives_identical_weights(synthetic_data, tiny_decoder, tmp_path):
+    """Kill the training process (SIGKILL) at 10 random moments; each restart resumes from its checkpoint,
+    and the final projector is bit for bit the one an uninterrupted run makes."""
+    data, cache = synthetic_data
+    env = dict(os.environ, TINYLLAVA_PROGRESS="0")
+    whole = subprocess.run(train_cmd(data, cache, tmp_path / "whole", tiny_decoder), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(40):
+        p = subprocess.Popen(train_cmd(data, cache, tmp_path / "killed", tiny_decoder), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kills < 10:
+            time.sleep(rng.uniform(0.5, 3.0))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+        p.wait(timeout=600)
+        if (tmp_path / "killed" / "checkpoint.gguf").exists() and p.returncode == 0:
+            break
+    assert kills >= 10 and p.returncode == 0, p.stderr.read().decode()[-2000:]
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.gguf") for run in ("whole", "killed"))
+    for k in a[1]:
+        assert np.array_equal(a[1][k], b[1][k]) and np.array_equal(a[2][k], b[2][k]), k
+    assert (tmp_path / "whole" / "projector.gguf").read_bytes() == (tmp_path / "killed" / "projector.gguf").read_bytes()
+    logs = [(tmp_path / run / "log.jsonl").read_text().splitlines() for run in ("whole", "killed")]
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]  # noqa: E731
+    assert strip(logs[0]) == strip(logs[1])
+
+
+def test_corrupt_or_truncated_checkpoint_is_refused(synthetic_data, tiny_decoder, tmp_path):
+    data, cache = synthetic_data
+    train(run_args(data, cache, tmp_path / "run", tiny_decoder, "--steps", "2"), log=lambda s: None)
+    ckpt = tmp_path / "run" / "checkpoint.gguf"
+    raw = bytearray(ckpt.read_bytes())
+    raw[-100] ^= 0x01  # one bit in the tensor data
+    ckpt.write_bytes(bytes(raw))
+    with pytest.raises(TinyLlavaError, match="checksum"):
+        load_checkpoint(ckpt)
+    with pytest.raises(TinyLlavaError, match="checksum"):
+        train(run_args(data, cache, tmp_path / "run", tiny_decoder, "--steps", "2"), log=lambda s: None)
+    ckpt.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(GGUFError, match="truncated|past the end"):
+        load_checkpoint(ckpt)

@@ -1,0 +1,260 @@
+"""Stage-1 alignment: train only the projector, the vision tower and the decoder frozen.
+
+    python -m tinyllava.train --data ../shared/data/flickr8k --out runs/mlp
+
+Each image's features come from a cache (the vision tower runs once per image). Each step takes --batch images;
+an image and all its captions make one packed sequence ("plain" template: image tokens, caption, end token;
+the loss is on the caption tokens); the gradient flows back through the 30 frozen decoder blocks to the image
+tokens, then into the projector. AdamW with linear warmup and cosine decay, as LLaVA trains it.
+
+Every --checkpoint-every steps the run writes OUT/checkpoint.gguf atomically (weights, Adam moments, step,
+and a checksum); running the same command again resumes from it exactly. OUT/log.jsonl has one line per step;
+OUT/projector.gguf is the projector with the lowest dev loss seen.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TinyLlavaError, cli_errors
+from .gguf import GGUFFile, write_gguf
+from .model import collate, pack
+from .projector import KINDS, Projector
+
+DEFAULT_LR = {"linear": 2e-3, "mlp2x_gelu": 1e-3}  # LLaVA v1 / v1.5 stage-1 learning rates
+
+
+def lr_at(step, total, base, warmup):
+    """Linear warmup over `warmup` steps, then cosine decay to zero (as transformers' cosine schedule)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class AdamW:
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.betas, self.eps, self.wd = betas, eps, weight_decay
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    def step(self, params, grads, lr):
+        self.t += 1
+        b1, b2 = self.betas
+        for k, g in grads.items():
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
+            m_hat = self.m[k] / (1 - b1 ** self.t)
+            v_hat = self.v[k] / (1 - b2 ** self.t)
+            params[k] = (params[k] * (1 - lr * self.wd) - lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(np.float32)
+
+
+# -- one step ----------------------------------------------------------------------------------------------
+def caption_ids(tok, captions):
+    return [tok.encode(c) + [tok.eos_id] for c in captions]
+
+
+def batch_loss_and_grads(decoder, proj, feats, captions, micro_batch=1):
+    """Summed caption loss over the images, the number of caption tokens, and the projector's gradients.
+    feats: list of [196, 768]; captions: one list of id lists per image."""
+    total, n_tokens, grads = 0.0, 0, {k: np.zeros_like(v) for k, v in proj.params.items()}
+    embed = lambda ids: decoder.embed(ids)  # noqa: E731
+    for s in range(0, len(feats), micro_batch):
+        f = feats[s:s + micro_batch]
+        prefixes = [proj.forward(fi) for fi in f]                                  # [196, d] each
+        samples = [pack(p, caps) for p, caps in zip(prefixes, captions[s:s + micro_batch])]
+        x, positions, mask, at, targets = collate(samples, prefixes, embed)
+        loss, dx = decoder.loss_and_grad(x, at, targets, positions, mask)          # dx [B, L, d]
+        for b, fi in enumerate(f):
+            for k, g in proj.backward(dx[b, :len(fi)], fi).items():
+                grads[k] += g
+        total += loss
+        n_tokens += len(targets)
+    return total, n_tokens, grads
+
+
+def dev_loss(decoder, proj, cache, indices, tok, examples):
+    """Mean caption loss per token on dev images (forward only, all captions packed per image)."""
+    from .llama import cross_entropy, rms_norm, linear
+    total, n = 0.0, 0
+    for i in indices:
+        prefix = proj.forward(cache[i])
+        ids, positions, mask, at, targets = pack(prefix, caption_ids(tok, examples[i].captions))
+        x = np.concatenate([prefix, decoder.embed(ids[len(prefix):])])[None]
+        h = decoder.forward(x, positions=positions, mask=mask)[0]
+        logits = linear(rms_norm(h[at], decoder.norm, decoder.cfg.norm_eps), decoder.embedding)
+        total += cross_entropy(logits, targets)
+        n += len(targets)
+    return total / n
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def tensors_checksum(tensors):
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(tensors[name]).tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path, proj, opt, step, state):
+    tensors = {f"param.{k}": v for k, v in proj.params.items()}
+    tensors |= {f"adam_m.{k}": v for k, v in opt.m.items()} | {f"adam_v.{k}": v for k, v in opt.v.items()}
+    meta = {"general.architecture": "tinyllava-checkpoint", "tinyllava.projector": proj.kind,
+            "tinyllava.step": step, "tinyllava.adam_t": opt.t, "tinyllava.state": json.dumps(state),
+            "tinyllava.checksum": tensors_checksum(tensors)}
+    write_gguf(path, meta, tensors)
+
+
+def load_checkpoint(path):
+    """-> (kind, params, m, v, step, adam_t, state); refuses a truncated or corrupted file."""
+    g = GGUFFile(path)  # a truncated file fails here, with the reason
+    tensors = {name: t.numpy() for name, t in g.tensors.items()}
+    if g.get("tinyllava.checksum") != tensors_checksum(tensors):
+        raise TinyLlavaError(f"{path}: checkpoint is corrupt (checksum mismatch); delete it, or start over "
+                             f"with --fresh")
+    part = lambda p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
+    return (g.require("tinyllava.projector"), part("param."), part("adam_m."), part("adam_v."),
+            g.require("tinyllava.step"), g.require("tinyllava.adam_t"), json.loads(g.require("tinyllava.state")))
+
+
+def _write_atomic(path, text):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+def epoch_order(n, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train(args, log=print):
+    from .generate import load_decoder
+    from .data import FeatureCache, load_examples
+    from .weights import vision_path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = load_examples(args.data, args.images, on_error=args.on_error)       # every split: one cache
+    train_idx = [i for i, e in enumerate(examples) if args.split in (None, "all") or e.split in (args.split, None)]
+    dev_idx = [i for i, e in enumerate(examples) if e.split == args.dev_split][:args.dev_images]
+    if not train_idx:
+        raise TinyLlavaError(f"{args.data}: no training examples in split {args.split!r}")
+    decoder, tok = load_decoder(args.model)
+    cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
+    if not cache.done[train_idx + dev_idx].all():
+        from .vit import VisionTower
+        failed = set(cache.fill(VisionTower.load(vision_path()), on_error=args.on_error))
+        train_idx = [i for i in train_idx if i not in failed]
+        dev_idx = [i for i in dev_idx if i not in failed]
+
+    steps_per_epoch = max(1, len(train_idx) // args.batch)
+    total = args.steps or int(args.epochs * steps_per_epoch)
+    warmup = max(1, round(args.warmup * total))
+    lr = args.lr or DEFAULT_LR[args.projector]
+    ckpt, log_path = out / "checkpoint.gguf", out / "log.jsonl"
+
+    if ckpt.exists() and not args.fresh:
+        kind, params, m, v, step, t, state = load_checkpoint(ckpt)
+        if kind != args.projector or state["seed"] != args.seed or state["total"] != total:
+            raise TinyLlavaError(f"{ckpt}: was made by a different run ({kind}, seed {state['seed']}, "
+                                 f"{state['total']} steps); use --fresh or another --out")
+        proj, opt = Projector(kind, params), AdamW(params, weight_decay=args.weight_decay)
+        opt.m, opt.v, opt.t = m, v, t
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        _write_atomic(log_path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < step))
+        log(f"resuming {ckpt} at step {step}/{total}")
+    else:
+        proj = Projector.init(args.projector, cache.features.shape[-1], decoder.cfg.dim, seed=args.seed)
+        opt, step = AdamW(proj.params, weight_decay=args.weight_decay), 0
+        state = {"seed": args.seed, "total": total, "best_dev": None, "best_step": None}
+        log_path.unlink(missing_ok=True)
+        log(f"training a {args.projector} projector: {len(train_idx)} images, {total} steps of {args.batch}")
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    while step < total:
+        t0 = time.perf_counter()
+        epoch, k = divmod(step * args.batch, steps_per_epoch * args.batch)
+        order = epoch_order(len(train_idx), args.seed, epoch)
+        batch = [train_idx[j] for j in order[k:k + args.batch]]
+        feats = [cache[i] for i in batch]
+        caps = [caption_ids(tok, examples[i].captions[:args.captions]) for i in batch]
+        loss, n_tokens, grads = batch_loss_and_grads(decoder, proj, feats, caps, args.micro_batch)
+        grads = {k_: g / n_tokens for k_, g in grads.items()}                      # mean over caption tokens
+        norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+        if norm > args.clip:
+            grads = {k_: g * (args.clip / norm) for k_, g in grads.items()}
+        rate = lr_at(step, total, lr, warmup)
+        opt.step(proj.params, grads, rate)
+        step += 1
+        record = {"step": step - 1, "loss": loss / n_tokens, "lr": rate, "grad_norm": norm, "tokens": n_tokens,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        if dev_idx and (step % args.eval_every == 0 or step == total):
+            record["dev_loss"] = dev_loss(decoder, proj, cache, dev_idx, tok, examples)
+            if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
+                state.update(best_dev=record["dev_loss"], best_step=step)
+                proj.save(out / "projector.gguf", {"tinyllava.step": step, "tinyllava.dev_loss": record["dev_loss"]})
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"dev": f"{record['dev_loss']:.3f}"} if "dev_loss" in record else {}))
+        bar.update(1)
+        if step % args.checkpoint_every == 0 or step == total:
+            save_checkpoint(ckpt, proj, opt, step, state)
+    bar.close()
+    if not dev_idx:
+        proj.save(out / "projector.gguf", {"tinyllava.step": step})
+    log(f"done: {out / 'projector.gguf'}" + (f" (best dev loss {state['best_dev']:.4f} at step "
+                                              f"{state['best_step']})" if dev_idx else ""))
+    return proj
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="python -m tinyllava.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder with pairs.jsonl, or a LLaVA pretrain JSON (with --images)")
+    ap.add_argument("--images", help="image folder of a LLaVA pretrain JSON")
+    ap.add_argument("--out", required=True, help="run folder: checkpoint.gguf, log.jsonl, projector.gguf")
+    ap.add_argument("--projector", choices=KINDS, default="mlp2x_gelu")
+    ap.add_argument("--split", default="train", help="pairs.jsonl split to train on ('all' for every line)")
+    ap.add_argument("--dev-split", default="dev", help="split for the dev loss that selects the saved projector")
+    ap.add_argument("--dev-images", type=int, default=100, help="dev images evaluated at each --eval-every")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
+    ap.add_argument("--batch", type=int, default=16, help="images per optimizer step (gradient accumulation)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="images per forward pass (padded together)")
+    ap.add_argument("--captions", type=int, default=5, help="captions per image packed into its sequence")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default 2e-3 linear, 1e-3 mlp2x_gelu)")
+    ap.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the steps")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint-every", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    ap.add_argument("--cache", help="feature cache folder")
+    ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
+    ap.add_argument("--model", help="decoder GGUF (default: the fetched SmolLM2)")
+    ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                    help="a malformed data line or unreadable image: stop, or skip it and go on")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    with cli_errors("tinyllava.train"):
+        for name in ("batch", "micro_batch", "captions", "checkpoint_every", "eval_every"):
+            if getattr(args, name) < 1:
+                raise TinyLlavaError(f"--{name.replace('_', '-')} must be at least 1")
+        train(args, log=lambda s: print(s, file=sys.stderr))
+
+
+if __name__ == "__main__":
+    main()
