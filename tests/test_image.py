@@ -40,9 +40,9 @@ def test_matches_live_reference_on_odd_sizes(reference):
 
 
 def test_pad_to_square_centres_on_the_mean_colour():
-    im = Image.new("RGB", (40, 10), (255, 0, 0))
+    im = Image.new("RGB", (80, 20), (255, 0, 0))
     sq = pad_to_square(im)
-    assert sq.size == (40, 40) and sq.getpixel((0, 0)) == MEAN_RGB and sq.getpixel((20, 20)) == (255, 0, 0)
+    assert sq.size == (80, 80) and sq.getpixel((0, 0)) == MEAN_RGB and sq.getpixel((40, 40)) == (255, 0, 0)
     x = preprocess(im, pad=True)
     assert np.allclose(x[:, 0, :], 0, atol=0.02)  # the padding normalizes to ~0
     assert x.shape == (3, 224, 224)
@@ -68,7 +68,7 @@ def test_every_mode_becomes_rgb(mode, tmp_path):
 
 
 def test_transparency_is_composited_on_the_mean_colour():
-    im = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    im = Image.new("RGBA", (20, 20), (255, 255, 255, 0))
     assert open_image(im).getpixel((3, 3)) == MEAN_RGB
 
 
@@ -84,7 +84,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_first_frame_of_an_animated_gif(tmp_path):
-    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames = [Image.new("RGB", (32, 32), c) for c in [(255, 0, 0), (0, 0, 255)]]
     path = tmp_path / "a.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:])
     assert open_image(path).getpixel((5, 5))[0] > 200
@@ -113,5 +113,7 @@ def test_truncated_and_bomb_and_directory(tmp_path):
         open_image(tmp_path)
 
 
-def test_tiny_image_still_works():
-    assert preprocess(Image.new("RGB", (1, 1), (10, 20, 30))).shape == (3, 224, 224)
+def test_tiny_images_are_refused_and_small_ones_work():
+    with pytest.raises(TinyLlavaError, match="1x1 pixels is too small"):
+        preprocess(Image.new("RGB", (1, 1), (10, 20, 30)))
+    assert preprocess(Image.new("RGB", (16, 300), (10, 20, 30))).shape == (3, 224, 224)

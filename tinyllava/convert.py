@@ -112,3 +112,22 @@ def convert_clip(onnx_path, out_path):
     if pos.shape[0] != (224 // patch.shape[-1]) ** 2 + 1:
         raise TinyLlavaError(f"{onnx_path}: {pos.shape[0]} positions do not fit a 224px image")
     write_gguf(out_path, metadata, tensors)
+
+
+def main(argv=None):
+    """python -m tinyllava.convert ONNX OUT.gguf: what `python -m tinyllava.weights fetch` runs."""
+    import argparse
+
+    from .errors import cli_errors
+    ap = argparse.ArgumentParser(prog="python -m tinyllava.convert",
+                                 description="Convert an int8 ONNX CLIP image tower into a llama.cpp-style GGUF.")
+    ap.add_argument("onnx")
+    ap.add_argument("out")
+    args = ap.parse_args(argv)
+    with cli_errors("tinyllava.convert"):
+        convert_clip(args.onnx, args.out)
+        print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -90,9 +90,14 @@ def load_decoder(path=None, load_matrix=None):
 
 def stream_answer(model, tok, x, args, cache=None, out=sys.stdout):
     """Generate after the prompt embeddings x [1, T, d], printing text as it comes. -> the token ids"""
-    stream, ids = TextStream(tok), []
+    stream, ids, on_step = TextStream(tok), [], None
+    if args.trace:
+        from . import trace
+        cache = cache if cache is not None else KVCache(model.cfg, 1, model.cfg.context_length)
+        trace.prefill(model, x, cache)
+        x, on_step = x[:, -1:], trace.step_printer(tok, args.temp)
     for t in generate(model, x, args.n_predict, {tok.eos_id}, args.temp, args.top_k, args.top_p, args.seed,
-                      cache=cache, on_step=getattr(args, "on_step", None)):
+                      cache=cache, on_step=on_step):
         ids.append(t)
         if t != tok.eos_id:
             out.write(stream.push(t))
@@ -134,6 +139,9 @@ def main(argv=None):
     ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--projector", help="projector GGUF (default: weights/projector.gguf, trained here)")
     ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
+    ap.add_argument("--trace", action="store_true",
+                    help="print every stage to stderr: preprocessing, ViT blocks, projector, the prompt with the "
+                         "image in place, prefill block by block, each decode step's top candidates")
     args = ap.parse_args(argv)
 
     with cli_errors("tinyllava.generate"):
@@ -155,7 +163,11 @@ def main(argv=None):
             pixels = [preprocess(p, pad=not args.crop) for p in images]  # bad images fail before loading
             llava = load_llava(args.projector, args.model)
             model, tok = llava.decoder, llava.tok
-            tokens = [llava.image_tokens(px[None])[0] for px in pixels]   # [196, d] each
+            if args.trace:
+                from . import trace
+                tokens = [trace.image_tokens(llava, p, pad=not args.crop) for p in images]
+            else:
+                tokens = [llava.image_tokens(px[None])[0] for px in pixels]   # [196, d] each
         else:
             from .model import Llava
             model, tok = load_decoder(args.model)
@@ -163,9 +175,12 @@ def main(argv=None):
         t1 = time.perf_counter()
         count = 0
         if images and args.prompt is None and not args.chat:  # captions: the plain template, image by image
+            from .model import IMAGE
             for path, x in zip(images, tokens):
                 if len(images) > 1:
                     sys.stdout.write(f"{path}: ")
+                if args.trace:
+                    trace.prompt(tok, [IMAGE])
                 count += len(stream_answer(model, tok, x[None], args))
         else:
             from .model import chat_prompt
@@ -175,7 +190,10 @@ def main(argv=None):
             else:
                 text = tok.chat(([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
                                 + [{"role": "user", "content": question}])
-            x, _ = llava.embed(text, tokens)
+            x, pieces = llava.embed(text, tokens)
+            if args.trace:
+                from . import trace
+                trace.prompt(tok, pieces)
             if x.shape[1] + 1 > model.cfg.context_length:
                 raise TinyLlavaError(f"the prompt is {x.shape[1]} tokens, longer than the context "
                                      f"({model.cfg.context_length})")

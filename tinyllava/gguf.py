@@ -145,7 +145,8 @@ class GGUFFile:
         n_kv = self._scalar("<Q", "metadata count")
         remaining = len(self._buf) - self._pos
         if n_kv * 12 > remaining or n_tensors * 24 > remaining:  # smallest possible key/value, tensor info
-            self._fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds")
+            self._fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds "
+                       f"(truncated, or not written as GGUF)")
         for i in range(n_kv):
             key = self._string(f"metadata key #{i}")
             if key in self.metadata:
@@ -297,3 +298,30 @@ def write_gguf(path, metadata, tensors, types=None, alignment=DEFAULT_ALIGNMENT)
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def main(argv=None):
+    """python -m tinyllava.gguf FILE: print a GGUF's metadata and tensor table."""
+    import argparse
+    import sys
+
+    from .errors import cli_errors
+    ap = argparse.ArgumentParser(prog="python -m tinyllava.gguf", description="Show what a GGUF file holds.")
+    ap.add_argument("file")
+    ap.add_argument("--all", action="store_true", help="print long arrays in full")
+    args = ap.parse_args(argv)
+    with cli_errors("tinyllava.gguf"):
+        g = GGUFFile(args.file)
+        print(f"{g.path}: GGUF v{g.version}, alignment {g.alignment}, {len(g.metadata)} metadata keys, "
+              f"{len(g.tensors)} tensors")
+        for k, v in g.metadata.items():
+            shown = repr(v) if args.all or not hasattr(v, "__len__") or len(v) <= 8 or isinstance(v, str) else \
+                f"[{', '.join(repr(x) for x in list(v)[:5])}, ... {len(v)} items]"
+            print(f"  {k:45s} {g.types[k][0].name:8s} {shown[:200]}")
+        for t in g.tensors.values():
+            print(f"  {t.name:45s} {t.type.name:5s} {str(t.shape):20s} {t.data.nbytes:>12,} bytes")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from .errors import TinyLlavaError
 
 MEAN_RGB = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): LLaVA's padding colour
 MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
+MIN_SIDE = 16            # one ViT patch: anything smaller holds nothing to see
 
 
 def open_image(src):
@@ -39,11 +40,12 @@ def open_image(src):
         except FileNotFoundError:
             raise TinyLlavaError(f"{name}: no such file") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise TinyLlavaError(f"{name}: refused as a possible decompression bomb (too many pixels)") from None
+            raise TinyLlavaError(f"{name}: too large, refused as a possible decompression bomb") from None
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
             raise TinyLlavaError(f"{name}: not a readable image ({e})") from None
-    if img.width < 1 or img.height < 1:
-        raise TinyLlavaError(f"{name}: empty image ({img.width}x{img.height})")
+    if img.width < MIN_SIDE or img.height < MIN_SIDE:
+        raise TinyLlavaError(f"{name}: {img.width}x{img.height} pixels is too small (at least {MIN_SIDE}x{MIN_SIDE}, "
+                             f"one patch of the vision tower)")
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scale to 8 bits, don't clip
         a = np.asarray(img, dtype=np.float64)

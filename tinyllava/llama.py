@@ -52,11 +52,13 @@ class LlamaConfig:
 # -- layers ----------------------------------------------------------------------------------------------
 def linear(x, w):  # [..., n_in], [n_out, n_in] -> [..., n_out]
     # w is a float32 matrix, or a fused.QuantMatrix that keeps its quantized blocks and computes the same product
-    return x @ w.T if isinstance(w, np.ndarray) else w.matmul(x)
+    if not isinstance(w, np.ndarray):
+        return w.matmul(x)
+    return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])  # 2-D: one BLAS call
 
 
 def linear_backward(dy, x, w):  # [..., n_out], [..., n_in], [n_out, n_in] -> dx [..., n_in] (frozen w)
-    return dy @ w
+    return (dy.reshape(-1, dy.shape[-1]) @ w).reshape(*dy.shape[:-1], w.shape[1])
 
 
 def rms_norm(x, w, eps):  # [..., d], [d] -> [..., d]
@@ -91,35 +93,43 @@ def softmax(x):  # [..., n] -> [..., n]
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def heads(q, k, v):  # [B, T, H, hd], [B, S, Hkv, hd] x2 -> [B, Hkv, rep*T, hd], [B, Hkv, hd, S], [B, Hkv, S, hd]
+    """Lay q, k, v out head by head, contiguous (so each product is one BLAS call per head). The `rep` query
+    heads that share a key/value head become extra rows of one matrix: that is grouped-query attention."""
+    B, T, H, hd = q.shape
+    Hkv = k.shape[2]
+    qg = np.ascontiguousarray(q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)).reshape(B, Hkv, -1, hd)
+    return qg, np.ascontiguousarray(k.transpose(0, 2, 3, 1)), np.ascontiguousarray(v.transpose(0, 2, 1, 3))
+
+
+def attention_probs(qg, kt, mask):  # [B, Hkv, rep*T, hd], [B, Hkv, hd, S], [B, 1, T, S] -> [B, Hkv, rep*T, S]
+    scores = qg @ kt / math.sqrt(kt.shape[2])        # a Python float keeps the arrays' precision
+    if mask is not None:                             # causal (and padding) mask, the same for every query head
+        B, Hkv, RT, S = scores.shape
+        T = mask.shape[2]
+        scores = np.where(mask[:, :, None], scores.reshape(B, Hkv, RT // T, T, S), -np.inf).reshape(B, Hkv, RT, S)
+    return softmax(scores.astype(qg.dtype, copy=False))
+
+
 def attention(q, k, v, mask):  # [B, T, H, hd], [B, S, Hkv, hd] x2, [B, 1, T, S] bool or None -> [B, T, H, hd]
     B, T, H, hd = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]: a group shares k, v
-    kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # [B, Hkv, 1, hd, S]
-    vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # [B, Hkv, 1, S, hd]
-    scores = qg @ kt / math.sqrt(hd)                                    # [B, Hkv, rep, T, S]
-    if mask is not None:                                                # causal (and padding) mask
-        scores = np.where(mask[:, :, None], scores, np.float32(-np.inf))
-    p = softmax(scores)                                                 # [B, Hkv, rep, T, S]
-    out = p @ vt                                                        # [B, Hkv, rep, T, hd]
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+    qg, kt, vh = heads(q, k, v)
+    out = attention_probs(qg, kt, mask) @ vh                            # [B, Hkv, rep*T, hd]
+    return out.reshape(B, -1, H // kt.shape[1], T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
-def attention_backward(dout, q, k, v, mask):  # -> dq [B, T, H, hd], dk, dv [B, S, Hkv, hd]
+def attention_backward(dout, q, k, v, mask):  # [B, T, H, hd] -> dq [B, T, H, hd], dk, dv [B, S, Hkv, hd]
     B, T, H, hd = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]
-    kt = k.transpose(0, 2, 3, 1)[:, :, None]                            # [B, Hkv, 1, hd, S]
-    vt = v.transpose(0, 2, 1, 3)[:, :, None]                            # [B, Hkv, 1, S, hd]
-    scale = 1 / math.sqrt(hd)  # a Python float keeps the arrays' precision (float32 or float64)
-    p = softmax(np.where(mask[:, :, None], qg @ kt * scale, np.float32(-np.inf)))  # [B, Hkv, rep, T, S]
-    do = dout.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, hd]
-    dv = (p.swapaxes(-1, -2) @ do).sum(axis=2)                          # [B, Hkv, S, hd]: summed over the group
-    dp = do @ vt.swapaxes(-1, -2)                                       # [B, Hkv, rep, T, S]
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale        # softmax backward, then the 1/sqrt(hd)
-    dq = ds @ kt.swapaxes(-1, -2)                                       # [B, Hkv, rep, T, hd]
-    dk = (ds.swapaxes(-1, -2) @ qg).sum(axis=2)                         # [B, Hkv, S, hd]
-    return (dq.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd),
+    qg, kt, vh = heads(q, k, v)
+    Hkv = kt.shape[1]
+    p = attention_probs(qg, kt, mask)                                   # [B, Hkv, rep*T, S] (recomputed)
+    do = np.ascontiguousarray(dout.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)).reshape(qg.shape)
+    dv = p.swapaxes(-1, -2) @ do                                        # [B, Hkv, S, hd]: sums the group too
+    dp = do @ vh.swapaxes(-1, -2)                                       # [B, Hkv, rep*T, S]
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) / math.sqrt(hd)  # softmax backward, then the scale
+    dq = ds @ kt.swapaxes(-1, -2)                                       # [B, Hkv, rep*T, hd]
+    dk = ds.swapaxes(-1, -2) @ qg                                       # [B, Hkv, S, hd]
+    return (dq.reshape(B, Hkv, H // Hkv, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd),
             dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3))
 
 
@@ -196,17 +206,18 @@ def attention_layer_backward(dy, x, layer, cfg, cos, sin, mask):  # [B, T, d] ->
             + linear_backward(dv.reshape(B, T, -1), x, layer.wv))
 
 
-def block(x, layer, cfg, cos, sin, mask, cache=None, i=0):  # [B, T, d] -> [B, T, d]
+def block(x, layer, cfg, cos, sin, mask, cache=None, i=0, mids=None):  # [B, T, d] -> [B, T, d]
     h = x + attention_layer(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer, cfg, cos, sin, mask, cache, i)
+    if mids is not None:  # training keeps the mid-block residual, so the backward need not recompute attention
+        mids.append(h)
     return h + swiglu(rms_norm(h, layer.ffn_norm, cfg.norm_eps), layer.w_gate, layer.w_up, layer.w_down)
 
 
-def block_backward(dy, x, layer, cfg, cos, sin, mask):  # [B, T, d], block input [B, T, d] -> dx [B, T, d]
-    a = rms_norm(x, layer.attn_norm, cfg.norm_eps)                                         # recompute
-    h = x + attention_layer(a, layer, cfg, cos, sin, mask)                                 # [B, T, d]
+def block_backward(dy, x, h, layer, cfg, cos, sin, mask):  # [B, T, d]; block input x, mid residual h -> dx
     dh = dy + rms_norm_backward(
         swiglu_backward(dy, rms_norm(h, layer.ffn_norm, cfg.norm_eps), layer.w_gate, layer.w_up, layer.w_down),
         h, layer.ffn_norm, cfg.norm_eps)
+    a = rms_norm(x, layer.attn_norm, cfg.norm_eps)                                         # recomputed
     return dh + rms_norm_backward(attention_layer_backward(dh, a, layer, cfg, cos, sin, mask),
                                   x, layer.attn_norm, cfg.norm_eps)
 
@@ -251,12 +262,13 @@ class Llama:
             return self.embedding[ids]
         return self.embedding.rows(ids)
 
-    def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None):
+    def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None, mids=None):
         """Run the blocks on input embeddings [B, T, d] -> [B, T, d]. With a cache, x continues the sequence the
         cache holds; a cache of batch 1 under B > 1 sequences is a prefix they all share, read but not extended.
         `valid` [B, S] bool marks real tokens (False = padding). `hidden_states`, if a list, gets
         each block's output appended. `positions` [T] and `mask` [B or 1, 1, T, S] replace the plain causal
-        layout, for several sequences packed into one (see model.pack)."""
+        layout, for several sequences packed into one (see model.pack). `mids`, if a list, gets each block's
+        residual after attention (what the backward needs)."""
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
         if cache is not None and cache.k.shape[1] == B and start + T > cache.k.shape[2]:
@@ -265,7 +277,7 @@ class Llama:
         mask = causal_mask(T, start, valid) if mask is None else mask
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(self.layers):
-            x = block(x, layer, self.cfg, cos, sin, mask, cache, i)
+            x = block(x, layer, self.cfg, cos, sin, mask, cache, i, mids)
             if hidden_states is not None:
                 hidden_states.append(x)
         if cache is not None and cache.k.shape[1] == B:
@@ -275,11 +287,11 @@ class Llama:
     def logits(self, h):  # [..., d] -> [..., vocab]
         return linear(rms_norm(h, self.norm, self.cfg.norm_eps), self.embedding)
 
-    def backward(self, dh, x, hidden_states, positions, mask):  # d(last block's output) -> d(x) [B, T, d]
+    def backward(self, dh, x, hidden_states, mids, positions, mask):  # d(last block's output) -> d(x) [B, T, d]
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         inputs = [x] + hidden_states[:-1]                      # each block's input
-        for layer, xi in zip(reversed(self.layers), reversed(inputs)):
-            dh = block_backward(dh, xi, layer, self.cfg, cos, sin, mask)
+        for layer, xi, h in zip(reversed(self.layers), reversed(inputs), reversed(mids)):
+            dh = block_backward(dh, xi, h, layer, self.cfg, cos, sin, mask)
         return dh
 
     def loss_and_grad(self, x, at, targets, positions=None, mask=None):
@@ -290,8 +302,8 @@ class Llama:
         B, T, d = x.shape
         positions = np.arange(T) if positions is None else positions
         mask = causal_mask(T) if mask is None else mask
-        hidden = []
-        h = self.forward(x, hidden_states=hidden, positions=positions, mask=mask)   # [B, T, d]
+        hidden, mids = [], []
+        h = self.forward(x, hidden_states=hidden, positions=positions, mask=mask, mids=mids)  # [B, T, d]
         hs = h.reshape(-1, d)[at]                                                    # [N, d]
         n = rms_norm(hs, self.norm, self.cfg.norm_eps)                               # [N, d]
         logits = linear(n, self.embedding)                                           # [N, vocab]
@@ -300,7 +312,7 @@ class Llama:
         dh = np.zeros((B * T, d), h.dtype)
         np.add.at(dh, at, rms_norm_backward(linear_backward(dlogits, n, self.embedding), hs, self.norm,
                                             self.cfg.norm_eps))
-        return loss, self.backward(dh.reshape(B, T, d), x, hidden, positions, mask)
+        return loss, self.backward(dh.reshape(B, T, d), x, hidden, mids, positions, mask)
 
 
 def cross_entropy(logits, targets):  # [N, vocab], [N] -> summed -log p(target)
