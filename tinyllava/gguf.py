@@ -14,6 +14,7 @@ Tensor dims are ggml's, fastest-varying first: ggml [n_in, n_out] is NumPy (n_ou
 Every count and offset is checked against the file's size before it is used, so a damaged or hostile file
 raises GGUFError naming the problem, and never makes the reader allocate what the file merely claims.
 """
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -166,6 +167,8 @@ class GGUFFile:
             if not 1 <= n_dims <= MAX_DIMS:
                 self._fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
             dims = [self._scalar("<Q", f"dim of {name!r}") for _ in range(n_dims)]
+            if min(dims) < 1 or math.prod(dims) > 2**62:
+                self._fail(f"tensor {name!r} has impossible dimensions {dims}")
             ttype = self._scalar("<I", f"type of {name!r}")
             offset = self._scalar("<Q", f"offset of {name!r}")
             if ttype not in quant.BLOCK_SIZE:

@@ -37,6 +37,8 @@ def _varint(buf, pos, end):
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
+            if result >= 1 << 64:
+                raise OnnxError(f"varint at byte {pos} is wider than 64 bits")
             return result, pos
         shift += 7
 
