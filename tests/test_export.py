@@ -1,0 +1,90 @@
+"""The exported mmproj: llama.cpp's keys and names, and what llama.cpp's LLaVA graph computes from it (simulated
+here in NumPy, following its source; tests/check_llamacpp.py runs the real thing)."""
+import numpy as np
+import pytest
+
+from tinyllava import weights
+from tinyllava.export import export_mmproj
+from tinyllava.gguf import GGUFFile, ValueType
+from tinyllava.image import preprocess
+from tinyllava.llama import attention
+from tinyllava.projector import Projector, gelu_tanh
+from tinyllava.quant import GGMLType
+from tinyllava.vit import VisionTower, layer_norm, patchify, quick_gelu
+
+from make_reference import synthetic_photo
+
+
+def llama_cpp_llava_graph(g, pixels):
+    """llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp, at the version llama-cpp-python 0.3.36 vendors):
+    patches then the class token *last*, position rows 0..n in that order, pre-LN, feature_layer blocks,
+    rows 1.. (or all without a class token) to mm.0 -> GELU -> mm.2."""
+    t = lambda name: g.tensor(name).numpy()  # noqa: E731
+    d = g.require("clip.vision.embedding_length")
+    x = patchify(pixels[None], 16)[0] @ t("v.patch_embd.weight").reshape(d, -1).T         # [196, d]
+    has_cls = "v.class_embd" in g.tensors
+    if has_cls:
+        x = np.concatenate([x, t("v.class_embd")[None]])                                   # [197, d]: CLS last
+    x = layer_norm(x + t("v.position_embd.weight"), t("v.pre_ln.weight"), t("v.pre_ln.bias"), 1e-5)
+    n_heads = g.require("clip.vision.attention.head_count")
+    for i in range(g.require("clip.vision.feature_layer")[0]):
+        b = lambda n: t(f"v.blk.{i}.{n}")  # noqa: E731
+        a = layer_norm(x, b("ln1.weight"), b("ln1.bias"), 1e-5)
+        q, k, v = ((a @ b(f"attn_{w}.weight").T + b(f"attn_{w}.bias")).reshape(1, len(x), n_heads, -1) for w in "qkv")
+        x = x + attention(q, k, v, None).reshape(len(x), d) @ b("attn_out.weight").T + b("attn_out.bias")
+        m = layer_norm(x, b("ln2.weight"), b("ln2.bias"), 1e-5)
+        x = x + quick_gelu(m @ b("ffn_up.weight").T + b("ffn_up.bias")) @ b("ffn_down.weight").T + b("ffn_down.bias")
+    x = x[1:] if has_cls else x
+    return gelu_tanh(x @ t("mm.0.weight").T + t("mm.0.bias")) @ t("mm.2.weight").T + t("mm.2.bias")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    tower = VisionTower.load(weights.vision_path())
+    pixels = preprocess(synthetic_photo(7, (224, 224)))
+    return tmp, tower, pixels, tower.features(pixels[None])[0]
+
+
+@pytest.mark.parametrize("kind", ["mlp2x_gelu", "linear"])
+def test_llama_cpp_graph_on_the_export_computes_tinyllavas_tokens(setup, kind):
+    tmp, tower, pixels, feats = setup
+    proj = Projector.init(kind, seed=1)
+    g = GGUFFile(export_mmproj(tmp / f"{kind}.gguf", weights.vision_path(), proj, GGMLType.F32))
+    theirs = llama_cpp_llava_graph(g, pixels)                    # [196, 576]: patches 1..195, then the class token
+    ours = proj.forward(feats)                                   # [196, 576]: patches 0..195
+    np.testing.assert_allclose(theirs[:195], ours[1:], atol=2e-4 * np.abs(ours).max())
+    cls_token = proj.forward(tower.forward(pixels[None], n_layers=11)[-1][0, :1])
+    np.testing.assert_allclose(theirs[195:], cls_token, atol=2e-4 * np.abs(ours).max())
+
+
+def test_dropping_the_class_token(setup):
+    """--cls drop: no class token, and each patch keeps its own position row (so the order is right). The
+    encoder then runs without the class token, which moves every feature (mean cosine ~0.7 after a random
+    projector on this image): why `reorder` is the default."""
+    tmp, tower, pixels, feats = setup
+    g = GGUFFile(export_mmproj(tmp / "drop.gguf", weights.vision_path(), Projector.init("mlp2x_gelu"),
+                               GGMLType.F32, cls="drop"))
+    assert "v.class_embd" not in g.tensors
+    np.testing.assert_array_equal(g.tensor("v.position_embd.weight").numpy(), tower.pos_embd[1:])
+    assert llama_cpp_llava_graph(g, pixels).shape == (196, 576)
+
+
+def test_keys_names_and_types_llama_cpp_requires(setup):
+    tmp, *_ = setup
+    g = GGUFFile(export_mmproj(tmp / "q8.gguf", weights.vision_path(), Projector.init("mlp2x_gelu")))
+    u32 = ["image_size", "patch_size", "embedding_length", "feed_forward_length", "projection_dim", "block_count",
+           "attention.head_count"]
+    for k in u32:
+        assert g.types[f"clip.vision.{k}"][0] == ValueType.UINT32, k
+    assert g.types["clip.vision.attention.layer_norm_epsilon"][0] == ValueType.FLOAT32
+    assert g.types["clip.vision.feature_layer"] == (ValueType.ARRAY, ValueType.INT32)
+    assert g.metadata["clip.vision.feature_layer"].tolist() == [11] and g.metadata["clip.vision.block_count"] == 11
+    assert g.metadata["clip.projector_type"] == "mlp" and g.metadata["clip.has_vision_encoder"] is True
+    assert g.metadata.get("clip.use_gelu") is False and "clip.vision.image_grid_pinpoints" not in g.metadata
+    names = set(g.tensors)
+    assert {"mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} <= names
+    assert not any(n.startswith(("v.post_ln", "mm.1", "mm.3", "v.blk.11.")) or n == "v.visual_proj.weight"
+                   for n in names)
+    assert g.tensors["v.class_embd"].type == GGMLType.F32 and g.tensors["v.patch_embd.weight"].type == GGMLType.F16
+    assert g.tensors["v.blk.0.attn_q.weight"].type == GGMLType.Q8_0
