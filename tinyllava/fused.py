@@ -25,7 +25,6 @@ to float32 rounding, but decoding is several times slower than the reference pat
     from tinyllava import fused
     model = Llama.load(path, load_matrix=fused.QuantMatrix.from_tensor)   # or fused.load_decoder()
 """
-import functools
 import os
 
 import numpy as np
@@ -39,103 +38,173 @@ BLOCK = {GGMLType.Q8_0: (32, 34), GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 2
 KIND = {GGMLType.Q8_0: 0, GGMLType.Q4_0: 1, GGMLType.Q4_1: 2}  # the kernels' switch
 MATVEC_MAX_ROWS = 8     # up to this many rows of x, the fused loop; above, dequantized tiles and sgemm
 TILE_BYTES = 4 << 20    # float32 bytes of one dequantized tile: bounds the extra memory of a product
+AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop (measured: 2-8 kB are as good)
 
 
-def _numba_available():
-    try:
-        import numba  # noqa: F401
-        return os.environ.get("TINYLLAVA_ENGINE", "numba") != "numpy"
-    except ImportError:
-        return False
+try:  # numba compiles the loops below; without it they stay Python and only the NumPy path is used
+    import numba
+except ImportError:
+    numba = None
+
+ENGINE = "numba" if numba and not os.environ.get("TINYLLAVA_NO_NUMBA") else "numpy"  # the tests flip it
 
 
-ENGINE = "numba" if _numba_available() else "numpy"  # set to "numpy" to force the fallback (the tests do)
+def jit(**options):  # numba.njit(cache=True, nogil=True, boundscheck=False, **options), or nothing
+    if numba is None:
+        return lambda f: f
+    return numba.njit(cache=True, nogil=True, boundscheck=False, **options)
+
+
+prange = numba.prange if numba else range
 
 
 # -- the loops (plain Python; numba compiles them, see _kernels) ---------------------------------------------
-# Tables for float16 -> float32: EXP2[s << 5 | e] is +-2^(max(e, 1) - 25), the value of one mantissa unit.
-EXP2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(31)] + [np.inf], np.float32)
-EXP2 = np.concatenate([EXP2, -EXP2])
+@jit(inline="always")
+def f32(i):  # a small integer -> float32, through int32: numba computes integers in int64, and converting int64
+    return np.float32(np.int32(i))  # to float is half as fast as int32 in the vector units
 
 
-def f16(b, o, exp2):  # the little-endian float16 at bytes b[o], b[o+1] -> float32 (exact)
-    h = np.int32(b[o]) | (np.int32(b[o + 1]) << 8)             # sign | 5-bit exponent | 10-bit mantissa
-    e = (h >> 10) & 31
-    if e == 31:                                                # inf or nan: never a real scale
-        return exp2[h >> 10] if h & 1023 == 0 else np.float32(np.nan)
-    mant = (h & 1023) | (np.int32(e != 0) << 10)               # the implicit leading 1 of a normal number
-    return np.float32(mant) * exp2[h >> 10]                    # zero and subnormals need no special case
+if numba:
+    from llvmlite import ir
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f16(typingctx, b, o):  # the little-endian float16 at bytes b[o], b[o + 1] -> float32
+        """Load the two bytes as a float16 and widen it: one instruction (vcvtph2ps) on x86 since 2012. numba has
+        no float16 type, and the same conversion done with shifts and masks makes decoding 20% slower."""
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            h = builder.load(builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(16).as_pointer()), align=1)
+            return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+        return numba.float32(b, numba.intp), codegen
+
+    @intrinsic
+    def prefetch(typingctx, b, o):  # ask the CPU to start loading the cache line of b[o]; no result
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                "llvm.prefetch.p0")        # (address, read, keep in all caches, data)
+            builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+        return numba.void(b, numba.intp), codegen
 
 
-# Each dot4 takes one block (its bytes) of four consecutive rows and the matching 32 numbers of x, and returns
-# the four partial sums. `half` is always 16: passed at run time so that the compiler vectorizes the inner
-# loop (16 bytes = 32 weights) instead of unrolling it and vectorizing across blocks with slow gathers.
-def dot4_q8_0(b0, b1, b2, b3, xb, xs, half, exp2):  # blocks [34] uint8 x4, xb [32] -> 4 x float32
-    s0 = s1 = s2 = s3 = np.float32(0)
-    for j in range(2 * half):                                  # 32 int8 weights after the 2-byte scale d
-        s0 += np.float32(np.int8(b0[2 + j])) * xb[j]
-        s1 += np.float32(np.int8(b1[2 + j])) * xb[j]
-        s2 += np.float32(np.int8(b2[2 + j])) * xb[j]
-        s3 += np.float32(np.int8(b3[2 + j])) * xb[j]
-    return f16(b0, 0, exp2) * s0, f16(b1, 0, exp2) * s1, f16(b2, 0, exp2) * s2, f16(b3, 0, exp2) * s3
+@jit(inline="always")
+def prefetch_ahead(flat, start, n):  # prefetch bytes start..start+n (n <= 192) of the flat matrix, if there
+    """The hardware prefetcher alone leaves the loop below waiting for memory: the matrix is read once per
+    token, from RAM, in four interleaved streams. Asking for the bytes AHEAD further on makes decoding ~35%
+    faster. (A loop over the cache lines would be simpler and is slower.)"""
+    last = flat.shape[0] - 1
+    prefetch(flat, min(start, last))
+    prefetch(flat, min(start + 64, last))
+    if n > 128:
+        prefetch(flat, min(start + 128, last))
 
 
-def dot4_q4_0(b0, b1, b2, b3, xb, xs, half, exp2):  # blocks [18] x4: weight = d * (q - 8)
-    s0 = s1 = s2 = s3 = np.float32(0)
-    for j in range(half):                                      # byte j: weight j (low nibble), j + 16 (high)
-        lo, hi = xb[j], xb[half + j]
-        q = np.int32(b0[2 + j]); s0 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-        q = np.int32(b1[2 + j]); s1 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-        q = np.int32(b2[2 + j]); s2 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-        q = np.int32(b3[2 + j]); s3 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-    xs8 = np.float32(8) * xs                                   # the -8 of every weight: d * 8 * sum(x[b])
-    return (f16(b0, 0, exp2) * (s0 - xs8), f16(b1, 0, exp2) * (s1 - xs8),
-            f16(b2, 0, exp2) * (s2 - xs8), f16(b3, 0, exp2) * (s3 - xs8))
+# Each dot4 computes four consecutive rows of W (from row r) times x, block by block. The four rows go through
+# each block of x together: the loads of x are shared and the four sums overlap in the CPU. `half` is always
+# 16; it is passed at run time so that the compiler vectorizes the loop over one block's bytes instead of
+# unrolling it and vectorizing across blocks with slow gathers.
+@jit(inline="always", fastmath=True)  # fastmath: the sums may be reordered and use fused multiply-adds
+def dot4_q8_0(w, flat, r, x, xsum, half):  # w [n_out, row bytes] uint8, rows r..r+3, x [n_in] -> 4 x float32
+    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+    ahead = r * w.shape[1] + AHEAD
+    a0 = a1 = a2 = a3 = np.float32(0)
+    for b in range(x.shape[0] // 32):
+        o, xb = 34 * b, x[32 * b:32 * b + 32]                 # a block: 2-byte scale d, then 32 int8 weights
+        prefetch_ahead(flat, ahead + 136 * b, 136)           # the four rows' blocks b, further on
+        b0, b1, b2, b3 = w0[o:o + 34], w1[o:o + 34], w2[o:o + 34], w3[o:o + 34]
+        s0 = s1 = s2 = s3 = np.float32(0)
+        for j in range(2 * half):
+            s0 += f32(np.int8(b0[2 + j])) * xb[j]
+            s1 += f32(np.int8(b1[2 + j])) * xb[j]
+            s2 += f32(np.int8(b2[2 + j])) * xb[j]
+            s3 += f32(np.int8(b3[2 + j])) * xb[j]
+        a0 += f16(b0, 0) * s0
+        a1 += f16(b1, 0) * s1
+        a2 += f16(b2, 0) * s2
+        a3 += f16(b3, 0) * s3
+    return a0, a1, a2, a3
 
 
-def dot4_q4_1(b0, b1, b2, b3, xb, xs, half, exp2):  # blocks [20] x4: weight = d * q + m
-    s0 = s1 = s2 = s3 = np.float32(0)
-    for j in range(half):
-        lo, hi = xb[j], xb[half + j]
-        q = np.int32(b0[4 + j]); s0 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-        q = np.int32(b1[4 + j]); s1 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-        q = np.int32(b2[4 + j]); s2 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-        q = np.int32(b3[4 + j]); s3 += np.float32(q & 15) * lo + np.float32(q >> 4) * hi  # noqa: E702
-    return (f16(b0, 0, exp2) * s0 + f16(b0, 2, exp2) * xs, f16(b1, 0, exp2) * s1 + f16(b1, 2, exp2) * xs,
-            f16(b2, 0, exp2) * s2 + f16(b2, 2, exp2) * xs, f16(b3, 0, exp2) * s3 + f16(b3, 2, exp2) * xs)
+@jit(inline="always", fastmath=True)
+def dot4_q4_0(w, flat, r, x, xsum, half):  # weight = d * (q - 8)
+    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+    ahead = r * w.shape[1] + AHEAD
+    a0 = a1 = a2 = a3 = np.float32(0)
+    for b in range(x.shape[0] // 32):
+        o, xb = 18 * b, x[32 * b:32 * b + 32]                 # a block: d, then 16 bytes of two 4-bit weights
+        prefetch_ahead(flat, ahead + 72 * b, 72)           # the four rows' blocks b, further on
+        b0, b1, b2, b3 = w0[o:o + 18], w1[o:o + 18], w2[o:o + 18], w3[o:o + 18]
+        s0 = s1 = s2 = s3 = np.float32(0)
+        for j in range(half):                                  # byte j: weight j (low nibble), j + 16 (high)
+            lo, hi = xb[j], xb[half + j]
+            q = np.int32(b0[2 + j]); s0 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b1[2 + j]); s1 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b2[2 + j]); s2 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b3[2 + j]); s3 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+        xs8 = np.float32(8) * xsum[b]                          # the -8 of every weight: d * 8 * sum(x[b])
+        a0 += f16(b0, 0) * (s0 - xs8)
+        a1 += f16(b1, 0) * (s1 - xs8)
+        a2 += f16(b2, 0) * (s2 - xs8)
+        a3 += f16(b3, 0) * (s3 - xs8)
+    return a0, a1, a2, a3
 
 
-def matvec(w, x, y, kind, half, exp2):  # w [n_out, row bytes] uint8, x [M, n_in], y [M, n_out] float32
-    n_out, bb = w.shape[0], w.shape[1] * 32 // x.shape[1]      # bb: bytes per block
-    nb = x.shape[1] // 32
-    xsum = np.empty((x.shape[0], nb), np.float32)              # sum of each block of x, for Q4_0 and Q4_1
-    for i in range(x.shape[0]):
+@jit(inline="always", fastmath=True)
+def dot4_q4_1(w, flat, r, x, xsum, half):  # weight = d * q + m
+    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+    ahead = r * w.shape[1] + AHEAD
+    a0 = a1 = a2 = a3 = np.float32(0)
+    for b in range(x.shape[0] // 32):
+        o, xb = 20 * b, x[32 * b:32 * b + 32]                 # a block: d, m, then 16 bytes of 4-bit weights
+        prefetch_ahead(flat, ahead + 80 * b, 80)           # the four rows' blocks b, further on
+        b0, b1, b2, b3 = w0[o:o + 20], w1[o:o + 20], w2[o:o + 20], w3[o:o + 20]
+        s0 = s1 = s2 = s3 = np.float32(0)
+        for j in range(half):
+            lo, hi = xb[j], xb[half + j]
+            q = np.int32(b0[4 + j]); s0 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b1[4 + j]); s1 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b2[4 + j]); s2 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b3[4 + j]); s3 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+        xs = xsum[b]                                           # m * sum(x[b]): the minimum, once per block
+        a0 += f16(b0, 0) * s0 + f16(b0, 2) * xs
+        a1 += f16(b1, 0) * s1 + f16(b1, 2) * xs
+        a2 += f16(b2, 0) * s2 + f16(b2, 2) * xs
+        a3 += f16(b3, 0) * s3 + f16(b3, 2) * xs
+    return a0, a1, a2, a3
+
+
+@jit(parallel=True, fastmath=True)
+def matvec(w, x, y, kind, half):  # w [n_out, row bytes] uint8, x [M, n_in], y [M, n_out] float32
+    n_out, M, nb = w.shape[0], x.shape[0], x.shape[1] // 32
+    xsum = np.empty((M, nb), np.float32)                       # the sum of each block of x (Q4_0, Q4_1)
+    for i in range(M):
         for b in range(nb):
             xsum[i, b] = x[i, 32 * b:32 * b + 32].sum()
-    for g in prange((n_out + 3) // 4):                         # groups of 4 rows, split among the threads
-        r = [min(4 * g + k, n_out - 1) for k in range(4)]      # the last group repeats its last row
-        for i in range(x.shape[0]):
-            a0 = a1 = a2 = a3 = np.float32(0)
-            for b in range(nb):
-                o, xb, xs = b * bb, x[i, 32 * b:32 * b + 32], xsum[i, b]
-                b0, b1, b2, b3 = w[r[0], o:o + bb], w[r[1], o:o + bb], w[r[2], o:o + bb], w[r[3], o:o + bb]
-                if kind == 2:
-                    s = dot4_q4_1(b0, b1, b2, b3, xb, xs, half, exp2)
-                elif kind == 1:
-                    s = dot4_q4_0(b0, b1, b2, b3, xb, xs, half, exp2)
-                else:
-                    s = dot4_q8_0(b0, b1, b2, b3, xb, xs, half, exp2)
-                a0 += s[0]; a1 += s[1]; a2 += s[2]; a3 += s[3]  # noqa: E702
-            y[i, r[3]] = a3; y[i, r[2]] = a2; y[i, r[1]] = a1; y[i, r[0]] = a0  # noqa: E702
+    flat = w.reshape(-1)                                       # the same bytes, one after the other
+    for g in prange((n_out + 3) // 4):                         # groups of 4 rows, shared among the threads
+        r = min(4 * g, n_out - 4)                              # the last group may overlap the one before
+        for i in range(M):
+            if kind == 2:
+                a = dot4_q4_1(w, flat, r, x[i], xsum[i], half)
+            elif kind == 1:
+                a = dot4_q4_0(w, flat, r, x[i], xsum[i], half)
+            else:
+                a = dot4_q8_0(w, flat, r, x[i], xsum[i], half)
+            y[i, r], y[i, r + 1], y[i, r + 2], y[i, r + 3] = a
 
 
-def dequantize_rows(w, out, kind, half, exp2):  # w [n, row bytes] uint8 -> out [n, n_in] float32
+@jit(parallel=True)
+def dequantize_rows(w, out, kind, half):  # w [n, row bytes] uint8 -> out [n, n_in] float32
     """The same float32 numbers as quant.dequantize, bit for bit (the products and sums round the same way)."""
     bb = w.shape[1] * 32 // out.shape[1]
     for r in prange(w.shape[0]):
         for b in range(out.shape[1] // 32):
             blk, o = w[r, b * bb:b * bb + bb], out[r, 32 * b:32 * b + 32]
-            d = f16(blk, 0, exp2)
+            d = f16(blk, 0)
             if kind == 0:
                 for j in range(2 * half):
                     o[j] = d * np.float32(np.int8(blk[2 + j]))
@@ -144,38 +213,18 @@ def dequantize_rows(w, out, kind, half, exp2):  # w [n, row bytes] uint8 -> out 
                     q = np.int32(blk[2 + j])
                     o[j], o[half + j] = d * np.float32((q & 15) - 8), d * np.float32((q >> 4) - 8)
             else:
-                m = f16(blk, 2, exp2)
+                m = f16(blk, 2)
                 for j in range(half):
                     q = np.int32(blk[4 + j])
                     o[j], o[half + j] = d * np.float32(q & 15) + m, d * np.float32(q >> 4) + m
-
-
-def prange(*args):  # plain range when the loops run as Python; numba.prange once compiled
-    return range(*args)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """Compile (or load from numba's on-disk cache) the loops above. -> (matvec, dequantize_rows)"""
-    import numba
-    g = globals()
-    # the helpers are compiled first and the drivers see them as compiled functions through these globals
-    fast = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
-    exact = dict(cache=True, nogil=True, boundscheck=False)  # no fastmath: no fused multiply-add, exact
-    g["f16"] = numba.njit(inline="always", **exact)(f16.py_func if hasattr(f16, "py_func") else f16)
-    for name in ("dot4_q8_0", "dot4_q4_0", "dot4_q4_1"):
-        fn = g[name]
-        g[name] = numba.njit(inline="always", **fast)(getattr(fn, "py_func", fn))
-    g["prange"] = numba.prange
-    mv = numba.njit(parallel=True, **fast)(getattr(matvec, "py_func", matvec))
-    dq = numba.njit(parallel=True, **exact)(getattr(dequantize_rows, "py_func", dequantize_rows))
-    return mv, dq
 
 
 # -- the matrix ------------------------------------------------------------------------------------------
 class QuantMatrix:
     """A (n_out, n_in) matrix kept as its GGUF blocks, row by row: `w` [n_out, bytes per row] uint8, usually
     a view into the memory-mapped file. `matmul(x)` is x @ W.T, `rows(ids)` is W[ids], both float32."""
+
+    __array_ufunc__ = None  # so that `dy @ W` (NumPy on the left) comes to __rmatmul__
 
     def __init__(self, w, qtype, shape):
         qtype = GGMLType(qtype)
@@ -184,6 +233,8 @@ class QuantMatrix:
         n_out, n_in = shape
         if n_in % 32 or w.shape != (n_out, n_in // 32 * BLOCK[qtype][1]) or w.dtype != np.uint8:
             raise TinyLlavaError(f"{qtype.name} {tuple(shape)}: blocks of shape {w.shape} {w.dtype} do not fit")
+        w = w.view()
+        w.flags.writeable = False  # read-only like the file's pages (and one compiled signature for all)
         self.w, self.type, self.shape = w, qtype, (int(n_out), int(n_in))
 
     @classmethod
@@ -212,7 +263,7 @@ class QuantMatrix:
         if ENGINE == "numpy":
             return quant.dequantize(w, self.type, (w.shape[0], self.shape[1]))
         out = np.empty((w.shape[0], self.shape[1]), np.float32)
-        _kernels()[1](w, out, KIND[self.type], 16, EXP2)
+        dequantize_rows(w, out, KIND[self.type], 16)
         return out
 
     def rows(self, ids):  # int array [...] -> float32 [..., n_in]: the embedding lookup
@@ -223,10 +274,10 @@ class QuantMatrix:
         x = np.asarray(x)
         if x.shape[-1] != self.shape[1]:
             raise TinyLlavaError(f"x [..., {x.shape[-1]}] @ W.T: W is {self.shape}")
-        x2 = np.ascontiguousarray(x.reshape(-1, self.shape[1]), dtype=np.float32)  # [M, n_in]
-        if ENGINE == "numba" and x2.shape[0] <= MATVEC_MAX_ROWS:
+        x2 = np.require(x.reshape(-1, self.shape[1]), np.float32, ["C", "W"])        # [M, n_in]
+        if ENGINE == "numba" and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
             y = np.empty((x2.shape[0], self.shape[0]), np.float32)                # [M, n_out]
-            _kernels()[0](self.w, x2, y, KIND[self.type], 16, EXP2)
+            matvec(self.w, x2, y, KIND[self.type], 16)
         else:
             y = self._tiled(x2)
         return y.reshape(*x.shape[:-1], self.shape[0]).astype(x.dtype, copy=False)

@@ -1,0 +1,164 @@
+"""The fused quantized matmul (fused.py) against the reference path: quant.dequantize, then an ordinary product.
+
+Tolerance. Dequantizing is exact: fused.py makes the same float32 weights as quant.dequantize, bit for bit, so
+`rows` (the embedding) and the many-row products (dequantized tiles, then sgemm) are checked for equality or
+near it. The one-row loop sums in another order (by block, with the Q4 minimum folded in as m * sum(x[b]),
+vector lanes added at the end), so it differs from the product of the dequantized matrix by float32 rounding
+only. Both are compared with the exact product (float64) of the same dequantized weights: each output y[i]
+must be within TOL * s[i] of it, where s[i] = sum_j |W[i, j] x[j]| is the size of what is summed. Rounding
+in float32 (2^-24 = 6e-8 per operation) accumulates like a random walk, ~sqrt(n) * 6e-8 * s = 2.3e-6 s for a
+row of n = 1536; TOL = 1e-5 leaves 4x room (measured worst: ~1e-6 s), while one wrong weight in a block of
+32 would move y[i] by about s / 32 / n_blocks, >= 6e-4 s for these rows.
+"""
+import numpy as np
+import pytest
+
+from tinyllava import fused, quant, weights
+from tinyllava.generate import generate
+from tinyllava.gguf import GGUFFile
+from tinyllava.quant import GGMLType
+
+TOL = 1e-5
+TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1]
+ENGINES = ["numba", "numpy"] if fused.numba else ["numpy"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    """Every test runs with numba's compiled loops and with the NumPy fallback (fused.ENGINE)."""
+    monkeypatch.setattr(fused, "ENGINE", request.param)
+    return request.param
+
+
+def check_product(y, x, w):  # y [M, n_out] against the exact x @ w.T, w the dequantized float32 weights
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)          # [M, n_out]
+    size = np.abs(x).astype(np.float64) @ np.abs(w).T              # [M, n_out]: s[i] of each output
+    assert y.dtype == np.float32 and y.shape == exact.shape
+    worst = float((np.abs(y - exact) / np.maximum(size, 1e-30)).max())
+    assert worst < TOL, f"error {worst:.2e} of the summed magnitude (tolerance {TOL})"
+    return worst
+
+
+def random_matrix(qtype, n_out, n_in, seed):
+    """Random weights with the spread of a real layer: rows of different scale, a few outliers, a zero block."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n_out, n_in)).astype(np.float32) * rng.uniform(0.01, 0.2, (n_out, 1)).astype(np.float32)
+    a[rng.integers(0, n_out, 5), rng.integers(0, n_in, 5)] *= 30
+    a[0, :32] = 0
+    return fused.QuantMatrix.quantize(a, qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequantize_is_bit_exact(qtype, engine):
+    m = random_matrix(qtype, 37, 96, seed=1)
+    ref = quant.dequantize(m.w, qtype, m.shape)
+    np.testing.assert_array_equal(m.dequantize(), ref)
+    np.testing.assert_array_equal(m.dequantize(5, 9), ref[5:9])
+    ids = np.array([[3, 0, 36], [3, 7, 1]])
+    np.testing.assert_array_equal(m.rows(ids), ref[ids])              # [2, 3, 96]: the embedding lookup
+
+
+def test_float16_scales_every_value():
+    """Every one of the 65536 float16 bit patterns as a Q8_0 scale (subnormals, zeros, infinities, NaNs)."""
+    d = np.arange(65536, dtype=np.uint16)
+    blocks = np.zeros(65536, quant.Q8_0)
+    blocks["d"] = d.view(np.float16)
+    blocks["qs"][:, 0] = 1                                            # weight 0 of each block is the scale
+    m = fused.QuantMatrix(blocks.view(np.uint8).reshape(2048, -1), GGMLType.Q8_0, (2048, 1024))
+    np.testing.assert_array_equal(m.dequantize()[:, ::32].reshape(-1), d.view(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n_out", [2, 37, 256])                       # fewer than 4 rows, a short last group
+@pytest.mark.parametrize("M", [1, 3, fused.MATVEC_MAX_ROWS + 1])       # the fused loop, and the sgemm tiles
+def test_matmul_random_blocks(qtype, n_out, M, engine):
+    m = random_matrix(qtype, n_out, 160, seed=n_out)
+    x = np.random.default_rng(M).standard_normal((M, 160)).astype(np.float32)
+    check_product(m.matmul(x), x, quant.dequantize(m.w, qtype, m.shape))
+
+
+def test_matmul_keeps_leading_axes_and_tiles(engine, monkeypatch):
+    m = random_matrix(GGMLType.Q4_1, 100, 64, seed=3)
+    w = m.dequantize()
+    x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
+    monkeypatch.setattr(fused, "TILE_BYTES", 64 * 4 * 7)              # tiles of 7 rows: 15 tiles, a short one
+    y = m.matmul(x)
+    assert y.shape == (2, 5, 100)
+    check_product(y.reshape(10, 100), x.reshape(10, 64), w)
+    check_product(m.matmul(x[0, :1]), x[0, :1], w)                    # one row: [1, 64] -> [1, 100]
+    dy = np.random.default_rng(1).standard_normal((2, 5, 100)).astype(np.float32)
+    np.testing.assert_allclose(dy @ m, dy @ w, rtol=1e-5, atol=1e-5)  # the backward of a frozen layer
+
+
+def real_tensors():
+    dec, vis = GGUFFile(weights.decoder_path()), GGUFFile(weights.vision_path())
+    return {"attn_q.0": dec.tensor("blk.0.attn_q.weight"), "ffn_down.29": dec.tensor("blk.29.ffn_down.weight"),
+            "token_embd": dec.tensor("token_embd.weight"), "v.ffn_up.3": vis.tensor("v.blk.3.ffn_up.weight"),
+            "v.attn_out.11": vis.tensor("v.blk.11.attn_out.weight")}
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    return real_tensors()
+
+
+@pytest.mark.parametrize("name", ["attn_q.0", "ffn_down.29", "token_embd", "v.ffn_up.3", "v.attn_out.11"])
+def test_real_tensors(tensors, name, engine):
+    t = tensors[name]
+    m = fused.QuantMatrix.from_tensor(t)
+    assert m.type == t.type and m.shape == t.shape and np.shares_memory(m.w, t.data)  # kept in the file's map
+    w = t.numpy()                                                     # the reference path: quant.dequantize
+    np.testing.assert_array_equal(m.dequantize(0, 64), w[:64])
+    x = np.random.default_rng(0).standard_normal((2, t.shape[1])).astype(np.float32)
+    check_product(m.matmul(x[:1]), x[:1], w)
+    check_product(m.matmul(x), x, w)
+
+
+def test_unquantized_tensors_stay_arrays():
+    t = GGUFFile(weights.decoder_path()).tensor("output_norm.weight")  # F32
+    assert isinstance(fused.QuantMatrix.from_tensor(t), np.ndarray)
+
+
+@pytest.fixture(scope="module")
+def fused_decoder():
+    return fused.load_decoder()
+
+
+def test_decoder_logits_and_greedy_tokens(decoder, fused_decoder):
+    """The whole decoder, fused against the reference (float32 weights): a prompt through the sgemm tiles,
+    then decoding steps through the fused loop, and greedy generation token for token."""
+    from tinyllava.llama import KVCache
+    ref, tok = decoder
+    model, _ = fused_decoder
+    ids = tok.encode(tok.chat([{"role": "user", "content": "Name three rivers of Europe."}]))
+    caches = [KVCache(m.cfg, 1, 64) for m in (ref, model)]
+    logits = [m.logits(m.forward(m.embed([ids]), c)) for m, c in zip((ref, model), caches)]  # [1, T, vocab]
+    assert np.abs(logits[1] - logits[0]).max() < 1e-4 * np.abs(logits[0]).max()
+    for t in ids[:6]:                                                 # one token at a time: the fused loop
+        step = [m.logits(m.forward(m.embed([[t]]), c)) for m, c in zip((ref, model), caches)]
+        assert np.abs(step[1] - step[0]).max() < 1e-4 * np.abs(step[0]).max()
+    x = [m.embed([ids]) for m in (ref, model)]
+    np.testing.assert_array_equal(x[1], x[0])
+    want = list(generate(ref, x[0], 24))
+    assert list(generate(model, x[1], 24)) == want
+
+
+def test_decoder_numpy_fallback(decoder, fused_decoder, monkeypatch):
+    monkeypatch.setattr(fused, "ENGINE", "numpy")
+    ref, tok = decoder
+    model, _ = fused_decoder
+    ids = tok.encode(tok.chat([{"role": "user", "content": "What is the capital of France?"}]))
+    assert list(generate(model, model.embed([ids]), 8)) == list(generate(ref, ref.embed([ids]), 8))
+
+
+def test_vision_block(tensors):
+    """One CLIP block with fused Q8_0 matrices against the same block with float32 ones (197 rows: sgemm)."""
+    from tinyllava.vit import ClipConfig, VisionTower, clip_block
+    path = weights.vision_path()
+    fused_tower = VisionTower.load(path, load_matrix=fused.QuantMatrix.from_tensor)
+    layer = fused_tower.layers[3]
+    plain = type(layer)(**{k: (v.dequantize() if isinstance(v, fused.QuantMatrix) else v)
+                           for k, v in vars(layer).items()})
+    x = np.random.default_rng(0).standard_normal((1, 197, 768)).astype(np.float32)
+    a, b = clip_block(x, layer, ClipConfig()), clip_block(x, plain, ClipConfig())
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
