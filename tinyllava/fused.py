@@ -25,7 +25,9 @@ to float32 rounding, but decoding is several times slower than the reference pat
     from tinyllava import fused
     model = Llama.load(path, load_matrix=fused.QuantMatrix.from_tensor)   # or fused.load_decoder()
 """
+import mmap
 import os
+import threading
 
 import numpy as np
 
@@ -41,6 +43,12 @@ TILE_BYTES = 4 << 20    # float32 bytes of one dequantized tile: bounds the extr
 AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop (measured: 2-8 kB are as good)
 
 
+PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starting the threads costs ~10 us)
+
+# numba's OpenMP threads spin between parallel loops by default. Between two products this process runs NumPy
+# and OpenBLAS on the same cores, and on a busy machine a spinning thread that loses its core makes every loop
+# wait for it: measured 2 threads, decoding: 98-1130 ms per token spinning, 47 ms passive (27 ms, 1 thread).
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 try:  # numba compiles the loops below; without it they stay Python and only the NumPy path is used
     import numba
 except ImportError:
@@ -58,7 +66,7 @@ def jit(**options):  # numba.njit(cache=True, nogil=True, boundscheck=False, **o
 prange = numba.prange if numba else range
 
 
-# -- the loops (plain Python; numba compiles them, see _kernels) ---------------------------------------------
+# -- the loops: plain Python that numba compiles (never run uncompiled: far too slow) ------------------------
 @jit(inline="always")
 def f32(i):  # a small integer -> float32, through int32: numba computes integers in int64, and converting int64
     return np.float32(np.int32(i))  # to float is half as fast as int32 in the vector units
@@ -72,7 +80,7 @@ if numba:
     @intrinsic
     def f16(typingctx, b, o):  # the little-endian float16 at bytes b[o], b[o + 1] -> float32
         """Load the two bytes as a float16 and widen it: one instruction (vcvtph2ps) on x86 since 2012. numba has
-        no float16 type, and the same conversion done with shifts and masks makes decoding 20% slower."""
+        no float16 type, and the same conversion done with shifts and masks makes decoding ~10% slower."""
         def codegen(context, builder, sig, args):
             data = context.make_array(sig.args[0])(context, builder, args[0]).data
             h = builder.load(builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(16).as_pointer()), align=1)
@@ -177,24 +185,40 @@ def dot4_q4_1(w, flat, r, x, xsum, half):  # weight = d * q + m
     return a0, a1, a2, a3
 
 
+@jit(inline="always", fastmath=True)
+def matvec_group(w, flat, x, xsum, y, g, kind, half):  # rows 4g..4g+3 of y = x @ W.T, for every row of x
+    r = min(4 * g, w.shape[0] - 4)                             # the last group may overlap the one before
+    for i in range(x.shape[0]):
+        if kind == 2:
+            a = dot4_q4_1(w, flat, r, x[i], xsum[i], half)
+        elif kind == 1:
+            a = dot4_q4_0(w, flat, r, x[i], xsum[i], half)
+        else:
+            a = dot4_q8_0(w, flat, r, x[i], xsum[i], half)
+        y[i, r], y[i, r + 1], y[i, r + 2], y[i, r + 3] = a
+
+
+@jit(inline="always", fastmath=True)
+def block_sums(x):  # [M, n_in] -> [M, n_in / 32]: the sum of each block of x (for Q4_0 and Q4_1)
+    xsum = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    for i in range(x.shape[0]):
+        for b in range(x.shape[1] // 32):
+            xsum[i, b] = x[i, 32 * b:32 * b + 32].sum()
+    return xsum
+
+
 @jit(parallel=True, fastmath=True)
 def matvec(w, x, y, kind, half):  # w [n_out, row bytes] uint8, x [M, n_in], y [M, n_out] float32
-    n_out, M, nb = w.shape[0], x.shape[0], x.shape[1] // 32
-    xsum = np.empty((M, nb), np.float32)                       # the sum of each block of x (Q4_0, Q4_1)
-    for i in range(M):
-        for b in range(nb):
-            xsum[i, b] = x[i, 32 * b:32 * b + 32].sum()
-    flat = w.reshape(-1)                                       # the same bytes, one after the other
-    for g in prange((n_out + 3) // 4):                         # groups of 4 rows, shared among the threads
-        r = min(4 * g, n_out - 4)                              # the last group may overlap the one before
-        for i in range(M):
-            if kind == 2:
-                a = dot4_q4_1(w, flat, r, x[i], xsum[i], half)
-            elif kind == 1:
-                a = dot4_q4_0(w, flat, r, x[i], xsum[i], half)
-            else:
-                a = dot4_q8_0(w, flat, r, x[i], xsum[i], half)
-            y[i, r], y[i, r + 1], y[i, r + 2], y[i, r + 3] = a
+    xsum, flat = block_sums(x), w.reshape(-1)                  # flat: the same bytes, one after the other
+    for g in prange((w.shape[0] + 3) // 4):                    # groups of 4 rows, shared among the threads
+        matvec_group(w, flat, x, xsum, y, g, kind, half)
+
+
+@jit(fastmath=True)
+def matvec_1thread(w, x, y, kind, half):  # the same, without numba's thread pool: with one thread, its
+    xsum, flat = block_sums(x), w.reshape(-1)  # start and finish cost ~15 us per call, 10% of decoding
+    for g in range((w.shape[0] + 3) // 4):
+        matvec_group(w, flat, x, xsum, y, g, kind, half)
 
 
 @jit(parallel=True)
@@ -256,51 +280,73 @@ class QuantMatrix:
     def nbytes(self):
         return self.w.nbytes
 
-    def dequantize(self, start=0, stop=None):  # rows start:stop -> float32 [stop - start, n_in]
-        return self._dequantize(self.w[start:stop])
+    def dequantize(self, start=0, stop=None):  # rows start:stop -> float32 [stop - start, n_in] (a new array)
+        w = self.w[start:stop]
+        return self._dequantize(w, np.empty((w.shape[0], self.shape[1]), np.float32))
 
-    def _dequantize(self, w):  # some rows' blocks [n, row bytes] -> float32 [n, n_in]
+    def _dequantize(self, w, out):  # some rows' blocks [n, row bytes] -> out [n, n_in] float32
         if ENGINE == "numpy":
-            return quant.dequantize(w, self.type, (w.shape[0], self.shape[1]))
-        out = np.empty((w.shape[0], self.shape[1]), np.float32)
-        dequantize_rows(w, out, KIND[self.type], 16)
+            out[...] = quant.dequantize(w, self.type, out.shape)
+        else:
+            dequantize_rows(w, out, KIND[self.type], 16)
         return out
+
+    def tiles(self):  # -> (first row, float32 [rows, n_in]) for tiles of TILE_BYTES, in one reused buffer
+        n_out, n_in = self.shape
+        step = max(1, min(n_out, TILE_BYTES // (4 * n_in)))
+        buf = scratch(step * n_in).reshape(step, n_in)  # reused: a new 4 MB array costs page faults each time
+        for r in range(0, n_out, step):
+            yield r, self._dequantize(self.w[r:r + step], buf[:min(step, n_out - r)])
 
     def rows(self, ids):  # int array [...] -> float32 [..., n_in]: the embedding lookup
         ids = np.asarray(ids)
-        return self._dequantize(self.w[ids.reshape(-1)]).reshape(*ids.shape, self.shape[1])
+        return self._dequantize(self.w[ids.reshape(-1)], np.empty((ids.size, self.shape[1]), np.float32)
+                                ).reshape(*ids.shape, self.shape[1])
 
-    def matmul(self, x):  # [..., n_in] -> [..., n_out] = x @ W.T
+    def matmul(self, x):  # [..., n_in] -> [..., n_out] = x @ W.T (float32; float64 stays float64)
         x = np.asarray(x)
         if x.shape[-1] != self.shape[1]:
             raise TinyLlavaError(f"x [..., {x.shape[-1]}] @ W.T: W is {self.shape}")
-        x2 = np.require(x.reshape(-1, self.shape[1]), np.float32, ["C", "W"])        # [M, n_in]
-        if ENGINE == "numba" and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
-            y = np.empty((x2.shape[0], self.shape[0]), np.float32)                # [M, n_out]
-            matvec(self.w, x2, y, KIND[self.type], 16)
-        else:
-            y = self._tiled(x2)
-        return y.reshape(*x.shape[:-1], self.shape[0]).astype(x.dtype, copy=False)
-
-    def _tiled(self, x):  # [M, n_in] -> [M, n_out]: dequantize a tile of rows at a time, then sgemm
-        step = max(1, TILE_BYTES // (4 * self.shape[1]))
-        if step >= self.shape[0]:
-            return x @ self.dequantize().T
-        y = np.empty((x.shape[0], self.shape[0]), np.float32)
-        for r in range(0, self.shape[0], step):
-            y[:, r:r + step] = x @ self.dequantize(r, r + step).T
-        return y
+        dtype = np.float64 if x.dtype == np.float64 else np.float32
+        x2 = x.reshape(-1, self.shape[1])                                               # [M, n_in]
+        if x2.dtype != dtype or not (x2.flags.c_contiguous and x2.flags.writeable):    # (one compiled signature)
+            x2 = np.array(x2, dtype, order="C")
+        y = np.empty((x2.shape[0], self.shape[0]), dtype)                               # [M, n_out]
+        if ENGINE == "numba" and dtype == np.float32 and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
+            parallel = numba.config.NUMBA_NUM_THREADS > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
+            (matvec if parallel else matvec_1thread)(self.w, x2, y, KIND[self.type], 16)
+        else:  # many rows: a tile of W at a time in float32, times all of x by BLAS (sgemm)
+            for r, tile in self.tiles():
+                y[:, r:r + len(tile)] = x2 @ tile.T.astype(dtype, copy=False)           # [M, rows]
+        return y.reshape(*x.shape[:-1], self.shape[0])
 
     def __rmatmul__(self, dy):  # dy [..., n_out] @ W -> [..., n_in]: the backward of a frozen linear layer
-        dy2 = np.asarray(dy).reshape(-1, self.shape[0])
-        step = max(1, TILE_BYTES // (4 * self.shape[1]))
+        dy2 = np.asarray(dy).reshape(-1, self.shape[0])                                # [M, n_out]
         dx = np.zeros((dy2.shape[0], self.shape[1]), np.result_type(dy2.dtype, np.float32))
-        for r in range(0, self.shape[0], step):
-            dx += dy2[:, r:r + step] @ self.dequantize(r, r + step)
+        for r, tile in self.tiles():
+            dx += dy2[:, r:r + len(tile)] @ tile                                        # [M, n_in]
         return dx.reshape(*np.shape(dy)[:-1], self.shape[1])
 
 
-# -- loading ---------------------------------------------------------------------------------------------
+_local = threading.local()
+
+
+def scratch(n):  # a float32 buffer of n numbers, this thread's, reused by every product
+    if getattr(_local, "buf", None) is None or _local.buf.size < n:
+        _local.buf = np.empty(n, np.float32)
+    return _local.buf[:n]
+
+
+# -- loading and unloading ---------------------------------------------------------------------------------
+def release(gguf_file):
+    """Give back the RAM of the pages of a memory-mapped GGUF that were read; the file stays mapped, and a page
+    read again comes back from the OS's page cache (no disk read). For the vision tower after it has seen the
+    image: its 90 MB are not needed again until the next image, and the decoder's 98 MB come in next."""
+    mm = getattr(gguf_file._buf, "_mmap", None)  # the mmap.mmap under gguf.GGUFFile's np.memmap
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
 def load_decoder(path=None):
     """SmolLM2 with its matrices kept quantized. -> (Llama, Tokenizer)"""
     from .generate import load_decoder as load

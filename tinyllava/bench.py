@@ -1,0 +1,405 @@
+"""Benchmark: tinyllava's fused quantized path against its float32 reference path, llama.cpp and torch.
+
+    python -m tinyllava.bench                 # one markdown table (a few minutes)
+    python -m tinyllava.bench --threads 1 --json
+
+Every engine runs in its own subprocess, so its peak RSS (VmHWM) is its own, with the same thread count
+(OMP/OpenBLAS/MKL/numba threads, torch.set_num_threads, llama.cpp n_threads). Each measures, on the same
+token ids and the same GGUF files:
+
+    time to first token  load the decoder, then a 220-token prompt (the size of an image prompt: 196 image
+                         tokens and some text), then the first greedy token; in a fresh process of its own
+    prefill              tokens/s over that prompt, warm (median of --reps)
+    decode               tokens/s of 32 greedy tokens after it (median of --reps)
+    vision tower         seconds per 224x224 image, LLaVA's feature (CLIP ViT-B/16 up to block 11 of 12)
+    peak RSS             of a generate-like run: decoder and vision tower loaded, one image encoded, then
+                         the prompt and the decoded tokens (VmHWM of that worker)
+
+Timings on a shared machine are noisy: compare engines within one run, not across runs.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ENGINES = ("fused", "reference", "llama.cpp", "torch")
+COLUMNS = {"fused": "tinyllava fused", "reference": "tinyllava reference float32",
+           "llama.cpp": "llama.cpp (llama-cpp-python)", "torch": "torch/transformers"}
+PROMPT = ("Describe the picture in detail. " * 60)  # tokenized, then cut to --prompt-tokens ids
+
+
+# -- measuring, inside a worker --------------------------------------------------------------------------
+def rss_mb(key="VmRSS"):  # this process's resident memory in MB (VmHWM: the peak so far)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def median_time(fn, reps):  # run fn() reps times -> median seconds
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def prompt_ids(n):
+    from .generate import load_decoder
+    _, tok = load_decoder(load_matrix=lambda t: None)  # the tokenizer only: no matrix is read
+    return tok.encode(PROMPT)[:n]
+
+
+def pixels():  # one preprocessed 224x224 image; the content does not change the work
+    import numpy as np
+    return np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+
+
+def run_tinyllava(args, fused):
+    """The tinyllava engines: fused (quantized blocks, fused.QuantMatrix) or reference (float32 at load). In
+    the order of a generate run with an image: load both models, encode the image, then the prompt, then
+    decode. The fused engine gives back the vision tower's pages after the image (fused.release)."""
+    import numpy as np
+    memory = {"imports": rss_mb()}
+    from . import fused as fused_mod
+    from .generate import load_decoder
+    from .llama import KVCache
+    from .vit import VisionTower
+    from .weights import decoder_path, vision_path
+    load_matrix = fused_mod.QuantMatrix.from_tensor if fused else None
+    paths = decoder_path(), vision_path()  # verified (sha256) before the clock starts
+    ids = args.ids
+
+    t0 = time.perf_counter()
+    model, tok = load_decoder(paths[0], load_matrix=load_matrix)
+    memory["decoder + tokenizer loaded"] = rss_mb()
+
+    def prefill():  # -> (logits of the last position, cache)
+        cache = KVCache(model.cfg, 1, len(ids) + args.decode_tokens + 1)
+        h = model.forward(model.embed([ids]), cache)
+        return model.logits(h[0, -1]), cache
+
+    if args.ttft:
+        first = int(np.argmax(prefill()[0]))
+        return {"ttft_s": time.perf_counter() - t0, "first_token": first}
+
+    tower = VisionTower.load(paths[1], load_matrix=load_matrix)
+    memory["vision tower loaded"] = rss_mb()
+    px = pixels()
+    tower.features(px)  # warm
+    vision = median_time(lambda: tower.features(px), args.reps)
+    memory["image encoded"] = rss_mb()
+    if fused:
+        fused_mod.release(tower.gguf)
+        memory["vision pages released"] = rss_mb()
+    prefill()  # warm
+    prefill_s = median_time(prefill, args.reps)
+    logits, cache = prefill()
+    memory["prompt done"] = rss_mb()
+
+    def decode():
+        c, tok_id = cache.copy(), int(np.argmax(logits))
+        for _ in range(args.decode_tokens):
+            tok_id = int(np.argmax(model.logits(model.forward(model.embed([[tok_id]]), c)[0, -1])))
+
+    decode_s = median_time(decode, args.reps)
+    memory["decoded"] = rss_mb()
+    out = {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.decode_tokens / decode_s,
+           "vision_s": vision, "peak_rss_mb": rss_mb("VmHWM"), "memory_mb": memory}
+    if fused:
+        out["engine"] = fused_mod.ENGINE
+    return out
+
+
+def run_llama_cpp(args):
+    import llama_cpp
+    import numpy as np
+    from .weights import decoder_path
+    path, ids = str(decoder_path()), args.ids
+    if args.no_extra_bufts:  # ggml's AMX/repacked weight buffers: AMX tiles fault on some VMs
+        default = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        llama_cpp.llama_model_default_params = params
+        llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_ctx=512, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads,
+                          verbose=False)
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids)
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    first = prefill()
+    if args.ttft:
+        return {"ttft_s": time.perf_counter() - t0, "first_token": first}
+    prefill_s = median_time(prefill, args.reps)
+
+    def decode_timed():
+        tok = prefill()
+        t = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - t
+
+    decode_s = statistics.median(decode_timed() for _ in range(args.reps))
+    return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.decode_tokens / decode_s,
+            "vision_s": None, "peak_rss_mb": rss_mb("VmHWM"), "extra_bufts": not args.no_extra_bufts}
+
+
+def torch_vision_tower(path, n_layers):
+    """transformers' CLIPVisionModel with the weights of tinyllava's CLIP GGUF (dequantized by tinyllava, the
+    same float32 numbers as tests/reference_impl.py gets from the gguf package), the first n_layers blocks."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from .gguf import GGUFFile
+    g = GGUFFile(path)
+    t = lambda name: torch.from_numpy(g.tensor(name).numpy())  # noqa: E731
+    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=n_layers,
+                           num_attention_heads=12, image_size=224, patch_size=16, hidden_act="quick_gelu",
+                           layer_norm_eps=1e-5)
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "ln1": "layer_norm1",
+             "ln2": "layer_norm2"}
+    sd = {"vision_model.embeddings.patch_embedding.weight": t("v.patch_embd.weight"),
+          "vision_model.embeddings.class_embedding": t("v.class_embd"),
+          "vision_model.embeddings.position_embedding.weight": t("v.position_embd.weight"),
+          "vision_model.pre_layrnorm.weight": t("v.pre_ln.weight"), "vision_model.pre_layrnorm.bias": t("v.pre_ln.bias"),
+          "vision_model.post_layernorm.weight": t("v.post_ln.weight"),
+          "vision_model.post_layernorm.bias": t("v.post_ln.bias")}
+    for i in range(n_layers):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                sd[f"vision_model.encoder.layers.{i}.{theirs}.{kind}"] = t(f"v.blk.{i}.{ours}.{kind}")
+    model = CLIPVisionModel(cfg)
+    if not hasattr(model, "vision_model"):  # transformers 5: CLIPVisionModel is the vision transformer itself
+        sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in m for m in missing), (missing, unexpected)
+    return model.eval()
+
+
+def run_torch(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from .weights import decoder_path, vision_path
+    torch.set_num_threads(args.threads)
+    path, ids = decoder_path(), torch.tensor([args.ids])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+    def prefill():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return int(out.logits[0, -1].argmax()), out.past_key_values
+
+    with torch.inference_mode():
+        if args.ttft:
+            first = prefill()[0]
+            return {"ttft_s": time.perf_counter() - t0, "first_token": first}
+        tower = torch_vision_tower(vision_path(), n_layers=11)  # LLaVA's feature: block 11's output
+        px = torch.from_numpy(pixels())
+        tower(pixel_values=px)
+        vision = median_time(lambda: tower(pixel_values=px), args.reps)
+        prefill()
+        prefill_s = median_time(prefill, args.reps)
+
+        def decode_timed():
+            tok, past = prefill()
+            t = time.perf_counter()
+            for _ in range(args.decode_tokens):
+                out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+                tok, past = int(out.logits[0, -1].argmax()), out.past_key_values
+            return time.perf_counter() - t
+
+        decode_s = statistics.median(decode_timed() for _ in range(args.reps))
+    return {"prefill_tok_s": ids.shape[1] / prefill_s, "decode_tok_s": args.decode_tokens / decode_s,
+            "vision_s": vision, "peak_rss_mb": rss_mb("VmHWM")}
+
+
+def worker(args):
+    if args.worker == "fused":
+        return run_tinyllava(args, fused=True)
+    if args.worker == "reference":
+        return run_tinyllava(args, fused=False)
+    if args.worker == "llama.cpp":
+        return run_llama_cpp(args)
+    return run_torch(args)
+
+
+# -- running the workers ---------------------------------------------------------------------------------
+INSTALLED = {"fused": None, "reference": None, "llama.cpp": "llama_cpp", "torch": "transformers"}
+
+
+def installed(engine):
+    import importlib.util
+    mod = INSTALLED[engine]
+    return mod is None or importlib.util.find_spec(mod) is not None
+
+
+def spawn(engine, args, ids, extra=()):
+    """Run one engine in a fresh Python with the thread count fixed. -> (result dict or None, error text)"""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(args.threads)
+    cmd = [sys.executable, "-m", "tinyllava.bench", "--worker", engine, "--threads", str(args.threads),
+           "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens), "--ids", ",".join(map(str, ids)),
+           *extra]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {args.timeout} s"
+    if p.returncode != 0:
+        lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+        why = f"signal {-p.returncode}" if p.returncode < 0 else (lines[-1] if lines else f"exit {p.returncode}")
+        return None, "failed: " + why[:120]
+    return json.loads(p.stdout.strip().splitlines()[-1]), None
+
+
+def collect(args):
+    ids = prompt_ids(args.prompt_tokens)
+    results, notes = {}, {}
+    if "fused" in args.engines and installed("fused"):  # fill numba's on-disk cache, so TTFT is not a compile
+        subprocess.run([sys.executable, "-c", "from tinyllava import bench; bench.warm_numba()"], timeout=args.timeout)
+    for engine in args.engines:
+        if not installed(engine):
+            results[engine], notes[engine] = None, "not installed"
+            continue
+        print(f"bench: {engine} ...", file=sys.stderr, flush=True)
+        extra = []
+        res, err = spawn(engine, args, ids, ["--ttft"])
+        if engine == "llama.cpp" and res is None and err.startswith("failed: signal"):
+            # ggml's AMX kernels crash where the CPU reports AMX but the VM does not allow it: run without
+            print(f"bench: llama.cpp crashed ({err}); again with use_extra_bufts=False", file=sys.stderr)
+            extra = ["--no-extra-bufts"]
+            res, err = spawn(engine, args, ids, ["--ttft", *extra])
+        if res is not None:  # the first measurement worked: now the rest, in another fresh process
+            ttft = res
+            res, err = spawn(engine, args, ids, extra)
+            if res is not None:
+                res.update(ttft)
+        results[engine], notes[engine] = res, err
+    return {"threads": args.threads, "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
+            "reps": args.reps, "cpu": cpu_name(), "model_files_mb": model_files_mb(), "results": results,
+            "errors": {k: v for k, v in notes.items() if v}, "ratios": ratios(results)}
+
+
+def warm_numba():  # compile fused.py's loops for every engine path (cached on disk for the workers)
+    import numpy as np
+    from . import fused
+    if fused.ENGINE != "numba":
+        return
+    for qtype in fused.BLOCK:
+        m = fused.QuantMatrix.quantize(np.ones((8, 32), np.float32), qtype)
+        x, y = np.ones((1, 32), np.float32), np.empty((1, 8), np.float32)
+        for kernel in (fused.matvec, fused.matvec_1thread):
+            kernel(m.w, x, y, fused.KIND[qtype], 16)
+        m.dequantize()
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def model_files_mb():
+    from .weights import decoder_path, vision_path
+    return {p.name: p.stat().st_size / 1e6 for p in (decoder_path(), vision_path())}
+
+
+def ratios(results):
+    f, lc, th = results.get("fused"), results.get("llama.cpp"), results.get("torch")
+    r = {}
+    if f and lc:
+        r["decode_vs_llama.cpp"] = f["decode_tok_s"] / lc["decode_tok_s"]
+        r["prefill_vs_llama.cpp"] = f["prefill_tok_s"] / lc["prefill_tok_s"]
+    if f and th:
+        r["vision_speed_vs_torch"] = th["vision_s"] / f["vision_s"]  # > 1: fused is faster
+    return r
+
+
+# -- the table -------------------------------------------------------------------------------------------
+ROWS = [("decode tokens/s", "decode_tok_s", "{:.1f}"), ("prefill tokens/s", "prefill_tok_s", "{:.0f}"),
+        ("vision tower s/image", "vision_s", "{:.3f}"), ("time to first token s", "ttft_s", "{:.2f}"),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}")]
+
+
+def table(report):
+    res, errors, r = report["results"], report["errors"], report["ratios"]
+    files = sum(report["model_files_mb"].values())
+    engines = list(res)
+    head = ["", *(COLUMNS[e] for e in engines), "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratio = {"decode_tok_s": f"{r['decode_vs_llama.cpp']:.2f}x llama.cpp" if "decode_vs_llama.cpp" in r else "",
+             "prefill_tok_s": f"{r['prefill_vs_llama.cpp']:.2f}x llama.cpp" if "prefill_vs_llama.cpp" in r else "",
+             "vision_s": f"{r['vision_speed_vs_torch']:.2f}x torch's speed" if "vision_speed_vs_torch" in r else "",
+             "ttft_s": "", "peak_rss_mb": (f"{res['fused']['peak_rss_mb'] / files:.2f}x the model files"
+                                           if res.get("fused") else "")}
+    for label, key, fmt in ROWS:
+        cells = []
+        for e in engines:
+            if res[e] is None:
+                cells.append(errors.get(e, "failed"))
+            elif res[e].get(key) is None:
+                cells.append("n/a [1]")
+            else:
+                cells.append(fmt.format(res[e][key]))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio[key]} |")
+    notes = [f"{report['threads']} threads, {report['cpu']}; prompt {report['prompt_tokens']} tokens, "
+             f"{report['decode_tokens']} decoded, median of {report['reps']}; model files {files:.0f} MB "
+             f"({' + '.join(f'{v:.0f}' for v in report['model_files_mb'].values())}).",
+             "[1] llama.cpp's vision tower needs an mmproj GGUF with a projector, which does not exist yet.",
+             "peak RSS: llama.cpp loads the decoder only; the tinyllava and torch workers load both models and "
+             "encode one image first; fused then gives the vision tower's pages back (fused.release)."]
+    lc = res.get("llama.cpp")
+    if lc and not lc.get("extra_bufts", True):
+        notes.append("llama.cpp ran with use_extra_bufts=False: its AMX weight buffers crash on this VM.")
+    f = res.get("fused")
+    if f:
+        notes.append("fused memory (MB, RSS after each stage): " +
+                     ", ".join(f"{k} {v:.0f}" for k, v in f["memory_mb"].items()) +
+                     ("" if f.get("engine") == "numba" else " (NumPy engine: numba is not installed)"))
+    return "\n".join(lines + [""] + notes)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tinyllava.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every engine (all cores)")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (median; 3)")
+    ap.add_argument("--prompt-tokens", type=int, default=220, help="prompt length (220, an image prompt)")
+    ap.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per repetition (32)")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds allowed per engine (900)")
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--no-extra-bufts", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ttft", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:  # inside a subprocess: measure one engine, print one JSON line
+        args.ids = [int(i) for i in args.ids.split(",")]
+        print(json.dumps(worker(args)))
+        return
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(args.engines) - set(ENGINES)
+    if unknown:
+        ap.error(f"unknown engines {', '.join(sorted(unknown))} (choose from {', '.join(ENGINES)})")
+    report = collect(args)
+    print(json.dumps(report, indent=1) if args.json else table(report))
+
+
+if __name__ == "__main__":
+    main()
