@@ -289,7 +289,8 @@ def collect(args):
                 res.update(ttft)
         results[engine], notes[engine] = res, err
     return {"threads": args.threads, "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
-            "reps": args.reps, "cpu": cpu_name(), "model_files_mb": model_files_mb(), "results": results,
+            "reps": args.reps, "cpu": cpu_name(), "cores": os.cpu_count(), "load_average": load_average(),
+            "model_files_mb": model_files_mb(), "results": results,
             "errors": {k: v for k, v in notes.items() if v}, "ratios": ratios(results)}
 
 
@@ -304,6 +305,14 @@ def warm_numba():  # compile fused.py's loops for every engine path (cached on d
         for kernel in (fused.matvec, fused.matvec_1thread):
             kernel(m.w, x, y, fused.KIND[qtype], 16)
         m.dequantize()
+
+
+def load_average():  # the machine's 1-minute load before the run: other work skews every engine alike
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return None
 
 
 def cpu_name():
@@ -357,7 +366,9 @@ def table(report):
             else:
                 cells.append(fmt.format(res[e][key]))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio[key]} |")
-    notes = [f"{report['threads']} threads, {report['cpu']}; prompt {report['prompt_tokens']} tokens, "
+    load = report.get("load_average")
+    notes = [f"{report['threads']} threads, {report['cpu']} ({report.get('cores')} cores, load average "
+             f"{load if load is not None else '?'} before the run); prompt {report['prompt_tokens']} tokens, "
              f"{report['decode_tokens']} decoded, median of {report['reps']}; model files {files:.0f} MB "
              f"({' + '.join(f'{v:.0f}' for v in report['model_files_mb'].values())}).",
              "[1] llama.cpp's vision tower needs an mmproj GGUF with a projector, which does not exist yet.",

@@ -223,11 +223,13 @@ def matvec_1thread(w, x, y, kind, half):  # the same, without numba's thread poo
         matvec_group(w, flat, x, xsum, y, g, kind, half)
 
 
-@jit(parallel=True)
+@jit()
 def dequantize_rows(w, out, kind, half):  # w [n, row bytes] uint8 -> out [n, n_in] float32
-    """The same float32 numbers as quant.dequantize, bit for bit (the products and sums round the same way)."""
+    """The same float32 numbers as quant.dequantize, bit for bit (the products and sums round the same way).
+    One thread: it is ~10% of a prefill, and handing the cores back and forth between numba's threads and
+    OpenBLAS's (sgemm comes next) cost more than that on a busy machine (2 threads: 36 vs 152 tokens/s)."""
     bb = w.shape[1] * 32 // out.shape[1]
-    for r in prange(w.shape[0]):
+    for r in range(w.shape[0]):
         for b in range(out.shape[1] // 32):
             blk, o = w[r, b * bb:b * bb + bb], out[r, 32 * b:32 * b + 32]
             d = f16(blk, 0)
