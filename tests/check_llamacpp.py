@@ -34,12 +34,26 @@ QUESTION = "What is in the picture?"
 N_NEW = 24
 
 
+def no_extra_buffer_types():
+    """llama.cpp puts weights in "extra buffer types" where it can, such as the AMX tiles of Sapphire Rapids CPUs;
+    its AMX matmul crashes (SIGSEGV) on these machines as soon as a batch has many rows. Keep plain buffers."""
+    import llama_cpp.llama_cpp as lib
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    lib.llama_model_default_params = params
+
+
 class LlamaCpp:
     """SmolLM2 + an mmproj in llama.cpp, through llama-cpp-python's low-level bindings (float32 attention)."""
 
     def __init__(self, mmproj, threads=2):
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
+        no_extra_buffer_types()
         self.lc, self.mtmd = llama_cpp, mtmd
         self.llm = llama_cpp.Llama(model_path=str(weights.decoder_path()), n_ctx=1024, n_batch=512,
                                    n_threads=threads, flash_attn=False, verbose=False)
@@ -49,51 +63,56 @@ class LlamaCpp:
         self.ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, p)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp refused {mmproj}")
-        self.n_embd = llama_cpp.llama_model_n_embd_inp(self.llm.model)
 
-    def chunks(self, rgb, prompt):
+    def embeddings(self, rgb):
+        """llama.cpp's image tokens for an RGB uint8 picture -> [196, 576]."""
         m = self.mtmd
         img = np.ascontiguousarray(rgb)
         bmp = m.mtmd_bitmap_init(img.shape[1], img.shape[0], (ctypes.c_uint8 * img.size).from_buffer_copy(img.tobytes()))
         t = m.mtmd_input_text()
-        b = prompt.encode()
-        t.text, t.text_len, t.add_special, t.parse_special = b, len(b), False, True
+        t.text, t.text_len, t.add_special, t.parse_special = MARKER.encode(), len(MARKER), False, True
         chunks = m.mtmd_input_chunks_init()
         assert m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(t), (m.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-        return chunks
+        ch = m.mtmd_input_chunks_get(chunks, 0)
+        n = m.mtmd_input_chunk_get_n_tokens(ch)
+        assert m.mtmd_input_chunk_get_type(ch) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE and m.mtmd_encode_chunk(self.ctx, ch) == 0
+        d = self.lc.llama_model_n_embd_inp(self.llm.model)
+        out = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.ctx), shape=(n * d,)).reshape(n, d).copy()
+        m.mtmd_input_chunks_free(chunks)
+        m.mtmd_bitmap_free(bmp)
+        return out
 
-    def image_chunk(self, chunks):
-        m = self.mtmd
-        return next(m.mtmd_input_chunks_get(chunks, i) for i in range(m.mtmd_input_chunks_size(chunks))
-                    if m.mtmd_input_chunk_get_type(m.mtmd_input_chunks_get(chunks, i)) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE)
-
-    def embeddings(self, rgb):  # -> [196, 576] llama.cpp's image tokens
-        chunks = self.chunks(rgb, MARKER)
-        ch = self.image_chunk(chunks)
-        n = self.mtmd.mtmd_input_chunk_get_n_tokens(ch)
-        assert self.mtmd.mtmd_encode_chunk(self.ctx, ch) == 0
-        out = np.ctypeslib.as_array(self.mtmd.mtmd_get_output_embd(self.ctx), shape=(n * self.n_embd,))
-        return out.reshape(n, self.n_embd).copy()
-
-    def answer(self, rgb, prompt, image_tokens=None):
-        """Greedy continuation of `prompt` (MARKER where the image goes). image_tokens: feed these instead of
-        llama.cpp's own. -> token ids"""
-        lc, m = self.lc, self.mtmd
-        lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
-        chunks = self.chunks(rgb, prompt)
-        n_past = lc.llama_pos(0)
-        for i in range(m.mtmd_input_chunks_size(chunks)):
-            ch = m.mtmd_input_chunks_get(chunks, i)
-            last = i == m.mtmd_input_chunks_size(chunks) - 1
-            if image_tokens is not None and m.mtmd_input_chunk_get_type(ch) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                emb = np.ascontiguousarray(image_tokens, np.float32)
-                ok = m.mtmd_helper_decode_image_chunk(self.ctx, self.llm.ctx, ch,
-                                                      emb.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                                                      n_past.value, 0, 512, ctypes.byref(n_past))
+    def _decode(self, n_past, ids=None, emb=None):  # token ids or embeddings [n, d] at positions n_past...
+        lc = self.lc
+        n = len(ids) if ids is not None else len(emb)
+        batch = lc.llama_batch_init(n, 0 if ids is not None else emb.shape[1], 1)
+        try:
+            if ids is not None:
+                for i, t in enumerate(ids):
+                    batch.token[i] = t
             else:
-                ok = m.mtmd_helper_eval_chunk_single(self.ctx, self.llm.ctx, ch, n_past.value, 0, 512, last,
-                                                     ctypes.byref(n_past))
-            assert ok == 0
+                ctypes.memmove(batch.embd, np.ascontiguousarray(emb, np.float32).ctypes.data, emb.size * 4)
+            for i in range(n):
+                batch.pos[i], batch.n_seq_id[i], batch.logits[i] = n_past + i, 1, i == n - 1
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = n
+            assert lc.llama_decode(self.llm.ctx, batch) == 0
+        finally:
+            lc.llama_batch_free(batch)
+        return n_past + n
+
+    def answer(self, prompt, image_tokens):
+        """Greedy continuation of `prompt` (MARKER where the image goes), with llama.cpp's decoder, the
+        image as the given tokens [196, 576], the text through llama.cpp's own tokenizer. -> token ids"""
+        lc = self.lc
+        lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
+        before, after = prompt.split(MARKER)
+        n_past = 0
+        if before:
+            n_past = self._decode(n_past, ids=self.llm.tokenize(before.encode(), add_bos=False, special=True))
+        n_past = self._decode(n_past, emb=image_tokens)
+        if after:
+            n_past = self._decode(n_past, ids=self.llm.tokenize(after.encode(), add_bos=False, special=True))
         vocab, out = lc.llama_model_get_vocab(self.llm.model), []
         for _ in range(N_NEW):
             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
@@ -101,7 +120,7 @@ class LlamaCpp:
             out.append(tok)
             if lc.llama_vocab_is_eog(vocab, tok):
                 break
-            assert lc.llama_decode(self.llm.ctx, lc.llama_batch_get_one((lc.llama_token * 1)(tok), 1)) == 0
+            n_past = self._decode(n_past, ids=[tok])
         return out
 
 
@@ -143,13 +162,13 @@ def main():
         row = {"photo": Path(path).name, "size": img.size, "token_cos_min": float(cos.min()),
                "token_cos_mean": float(cos.mean())}
         for name, text in [("caption", MARKER), ("question", chat_prompt(tok, QUESTION).replace("<image>", MARKER))]:
-            x_ours, _ = llava.embed(text.replace(MARKER, "<image>"), [ours_img])
-            x_theirs, _ = llava.embed(text.replace(MARKER, "<image>"), [theirs_img])
-            ours = list(generate(dec, x_ours, N_NEW, {tok.eos_id}))
-            theirs = cpp.answer(np.asarray(img), text)
+            ours = list(generate(dec, llava.embed(text.replace(MARKER, "<image>"), [ours_img])[0], N_NEW, {tok.eos_id}))
+            theirs = cpp.answer(text, theirs_img)
             row[name] = {"tinyllava": tok.decode(ours), "llama.cpp": tok.decode(theirs), "same": ours == theirs,
-                         "same_with_our_image_tokens": cpp.answer(np.asarray(img), text, ours_img) == ours,
-                         "same_with_their_image_tokens": list(generate(dec, x_theirs, N_NEW, {tok.eos_id})) == theirs}
+                         "same_with_our_image_tokens": cpp.answer(text, ours_img) == ours,
+                         "same_with_their_image_tokens": list(generate(
+                             dec, llava.embed(text.replace(MARKER, "<image>"), [theirs_img])[0], N_NEW,
+                             {tok.eos_id})) == theirs}
         rows.append(row)
         if not args.json:
             print(f"\n{row['photo']} {row['size']}: image tokens cos min {row['token_cos_min']:.4f} "
