@@ -42,9 +42,7 @@ BLOCK = {GGMLType.Q8_0: (32, 34), GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 2
 KIND = {GGMLType.Q8_0: 0, GGMLType.Q4_0: 1, GGMLType.Q4_1: 2}  # the kernels' switch
 MATVEC_MAX_ROWS = 8     # up to this many rows of x, the fused loop; above, dequantized tiles and sgemm
 TILE_BYTES = 4 << 20    # float32 bytes of one dequantized tile: bounds the extra memory of a product
-AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop (measured: 2-8 kB are as good)
-
-
+AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop (measured: 4-8 kB are as good)
 PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starting the threads costs ~10 us)
 
 # numba's OpenMP threads spin between parallel loops by default. Between two products this process runs NumPy
@@ -226,8 +224,8 @@ def matvec_1thread(w, x, y, kind, half):  # the same, without numba's thread poo
 @jit()
 def dequantize_rows(w, out, kind, half):  # w [n, row bytes] uint8 -> out [n, n_in] float32
     """The same float32 numbers as quant.dequantize, bit for bit (the products and sums round the same way).
-    One thread: it is ~10% of a prefill, and handing the cores back and forth between numba's threads and
-    OpenBLAS's (sgemm comes next) cost more than that on a busy machine (2 threads: 36 vs 152 tokens/s)."""
+    On one thread: it is ~10% of a prefill (one thread), and splitting it would hand the cores back and forth
+    between numba's threads and OpenBLAS's (sgemm comes next) for at most that gain."""
     bb = w.shape[1] * 32 // out.shape[1]
     for r in range(w.shape[0]):
         for b in range(out.shape[1] // 32):
