@@ -27,6 +27,7 @@ dequantizes every matrix for every token (~0.7 s per token, 40x slower than the 
     from tinyllava import fused
     model = Llama.load(path, load_matrix=fused.QuantMatrix.from_tensor)   # or fused.load_decoder()
 """
+import ctypes
 import mmap
 import os
 import threading
@@ -49,6 +50,23 @@ PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starti
 # and OpenBLAS on the same cores, and on a busy machine a spinning thread that loses its core makes every loop
 # wait for it: measured 2 threads, decoding: 98-1130 ms per token spinning, 47 ms passive (27 ms, 1 thread).
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+def keep_freed_memory():
+    """NumPy's temporaries in a forward pass (1-3 MB each) are above glibc's initial mmap threshold (128 kB), so
+    each one is a fresh mmap that page-faults on every touch and is unmapped when freed: 40,000 page faults per
+    image in the vision tower (+25% time). The reference path escapes by accident: freeing its big load-time
+    temporaries raises glibc's threshold. Here it is raised on purpose: blocks up to 32 MB come from the heap,
+    and up to 64 MB of freed heap are kept for the next ones (Linux/glibc; elsewhere nothing happens)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+keep_freed_memory()
 try:  # numba compiles the loops below; without it they stay Python and only the NumPy path is used
     import numba
 except ImportError:
@@ -313,13 +331,19 @@ class QuantMatrix:
         x2 = x.reshape(-1, self.shape[1])                                               # [M, n_in]
         if x2.dtype != dtype or not (x2.flags.c_contiguous and x2.flags.writeable):    # (one compiled signature)
             x2 = np.array(x2, dtype, order="C")
-        y = np.empty((x2.shape[0], self.shape[0]), dtype)                               # [M, n_out]
         if ENGINE == "numba" and dtype == np.float32 and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
+            y = np.empty((x2.shape[0], self.shape[0]), dtype)                           # [M, n_out]
             parallel = numba.config.NUMBA_NUM_THREADS > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
             (matvec if parallel else matvec_1thread)(self.w, x2, y, KIND[self.type], 16)
         else:  # many rows: a tile of W at a time in float32, times all of x by BLAS (sgemm)
+            y = None
             for r, tile in self.tiles():
-                y[:, r:r + len(tile)] = x2 @ tile.T.astype(dtype, copy=False)           # [M, rows]
+                if y is None and len(tile) == self.shape[0]:                            # one tile: all of W
+                    y = x2 @ tile.T.astype(dtype, copy=False)                           # [M, n_out]
+                    break
+                if y is None:
+                    y = np.empty((x2.shape[0], self.shape[0]), dtype)                   # [M, n_out]
+                np.matmul(x2, tile.T.astype(dtype, copy=False), out=y[:, r:r + len(tile)])  # [M, rows]
         return y.reshape(*x.shape[:-1], self.shape[0])
 
     def __rmatmul__(self, dy):  # dy [..., n_out] @ W -> [..., n_in]: the backward of a frozen linear layer
