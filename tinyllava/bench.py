@@ -15,7 +15,9 @@ token ids and the same GGUF files:
     peak RSS             of a generate-like run: decoder and vision tower loaded, one image encoded, then
                          the prompt and the decoded tokens (VmHWM of that worker)
 
-Timings on a shared machine are noisy: compare engines within one run, not across runs.
+Timings on a shared machine are noisy: compare engines within one run, not across runs. When other work
+keeps the cores busy, every engine's threads wait for each other (llama.cpp decoding at 2 threads fell
+from 48 to 0.7 tokens/s here while another job ran): then `--threads 1` is the fair comparison.
 """
 import argparse
 import json
@@ -237,13 +239,12 @@ def worker(args):
 
 
 # -- running the workers ---------------------------------------------------------------------------------
-INSTALLED = {"fused": None, "reference": None, "llama.cpp": "llama_cpp", "torch": "transformers"}
+NEEDS = {"fused": (), "reference": (), "llama.cpp": ("llama_cpp",), "torch": ("torch", "transformers", "gguf")}
 
 
 def installed(engine):
     import importlib.util
-    mod = INSTALLED[engine]
-    return mod is None or importlib.util.find_spec(mod) is not None
+    return all(importlib.util.find_spec(mod) is not None for mod in NEEDS[engine])
 
 
 def spawn(engine, args, ids, extra=()):
