@@ -165,3 +165,12 @@ def test_vision_block(tensors):
     x = np.random.default_rng(0).standard_normal((1, 197, 768)).astype(np.float32)
     a, b = clip_block(x, layer, ClipConfig()), clip_block(x, plain, ClipConfig())
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_release_gives_pages_back_and_keeps_the_numbers():
+    g = GGUFFile(weights.vision_path())
+    m = fused.QuantMatrix.from_tensor(g.tensor("v.blk.0.ffn_up.weight"))
+    x = np.random.default_rng(0).standard_normal((1, 768)).astype(np.float32)
+    before = m.matmul(x)
+    fused.release(g)                                                  # the pages come back on the next read
+    np.testing.assert_array_equal(m.matmul(x), before)
