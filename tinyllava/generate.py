@@ -49,10 +49,11 @@ def generate(model, x, n_predict, stop_ids=(), temp=0.0, top_k=0, top_p=1.0, see
     T = x.shape[1]
     if T == 0:
         raise TinyLlavaError("the prompt is empty")
-    cache = cache or KVCache(cfg, 1, min(cfg.context_length, T + n_predict))
-    if cache.length + T + n_predict > cache.k.shape[2]:
+    cache = cache if cache is not None else KVCache(cfg, 1, T + n_predict)
+    if cache.length + T + n_predict > cfg.context_length:
         raise TinyLlavaError(f"prompt ({cache.length + T} tokens) + {n_predict} new tokens do not fit in the "
-                             f"context ({cache.k.shape[2]} positions)")
+                             f"context ({cfg.context_length} positions)")
+    cache.reserve(cache.length + T + n_predict)
     rng = np.random.default_rng(seed)
     logits = prefill(model, x, cache)
     for step in range(n_predict):
@@ -93,7 +94,7 @@ def stream_answer(model, tok, x, args, cache=None, out=sys.stdout):
     stream, ids, on_step = TextStream(tok), [], None
     if args.trace:
         from . import trace
-        cache = cache if cache is not None else KVCache(model.cfg, 1, model.cfg.context_length)
+        cache = cache if cache is not None else KVCache(model.cfg, 1, x.shape[1] + args.n_predict)
         trace.prefill(model, x, cache)
         x, on_step = x[:, -1:], trace.step_printer(tok, args.temp)
     for t in generate(model, x, args.n_predict, {tok.eos_id}, args.temp, args.top_k, args.top_p, args.seed,
@@ -139,6 +140,9 @@ def main(argv=None):
     ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--projector", help="projector GGUF (default: weights/projector.gguf, trained here)")
     ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the weights quantized and dequantize inside each product (tinyllava/fused.py; "
+                         "the default when numba is installed); --no-fused: float32 weights, dequantized at load")
     ap.add_argument("--trace", action="store_true",
                     help="print every stage to stderr: preprocessing, ViT blocks, projector, the prompt with the "
                          "image in place, prefill block by block, each decode step's top candidates")
@@ -152,6 +156,9 @@ def main(argv=None):
         if not 0 < args.top_p <= 1 or args.top_k < 0 or args.temp < 0:
             raise TinyLlavaError("--temp and --top-k must be >= 0, --top-p in (0, 1]")
         t0 = time.perf_counter()
+        from . import fused
+        use_fused = args.fused if args.fused is not None else fused.ENGINE == "numba"
+        load_matrix = fused.QuantMatrix.from_tensor if use_fused else None
         images = args.image or []
         if not images and args.prompt is None and not args.chat:  # no arguments: a demo photo
             from .weights import demo_photos
@@ -161,16 +168,18 @@ def main(argv=None):
             from .image import preprocess
             from .model import load_llava
             pixels = [preprocess(p, pad=not args.crop) for p in images]  # bad images fail before loading
-            llava = load_llava(args.projector, args.model)
+            llava = load_llava(args.projector, args.model, load_matrix=load_matrix)
             model, tok = llava.decoder, llava.tok
             if args.trace:
                 from . import trace
                 tokens = [trace.image_tokens(llava, p, pad=not args.crop) for p in images]
             else:
                 tokens = [llava.image_tokens(px[None])[0] for px in pixels]   # [196, d] each
+            if use_fused:  # the vision tower's work is done: give its pages back before the prompt
+                fused.release(llava.tower.gguf)
         else:
             from .model import Llava
-            model, tok = load_decoder(args.model)
+            model, tok = load_decoder(args.model, load_matrix=load_matrix)
             llava, tokens = Llava(model, tok), []
         t1 = time.perf_counter()
         count = 0
@@ -197,7 +206,7 @@ def main(argv=None):
             if x.shape[1] + 1 > model.cfg.context_length:
                 raise TinyLlavaError(f"the prompt is {x.shape[1]} tokens, longer than the context "
                                      f"({model.cfg.context_length})")
-            cache = KVCache(model.cfg, 1, model.cfg.context_length)  # zeros: pages are touched only when used
+            cache = KVCache(model.cfg, 1, x.shape[1] + args.n_predict)  # grown as the conversation goes on
             args.n_predict = min(args.n_predict, model.cfg.context_length - x.shape[1])
             ids = stream_answer(model, tok, x, args, cache)
             count += len(ids)

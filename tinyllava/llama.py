@@ -169,7 +169,7 @@ class KVCache:
 
     def __init__(self, cfg, batch=1, max_len=2048, dtype=np.float32):
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k = np.zeros(shape, dtype)  # [L, B, max_len, Hkv, hd]; zeros: memory is taken only as it fills
+        self.k = np.zeros(shape, dtype)  # [L, B, max_len, Hkv, hd]
         self.v = np.zeros(shape, dtype)  # [L, B, max_len, Hkv, hd]
         self.length = 0
 
@@ -177,6 +177,16 @@ class KVCache:
         new = object.__new__(KVCache)
         new.k, new.v, new.length = self.k.copy(), self.v.copy(), self.length
         return new
+
+    def reserve(self, n):
+        """Room for n positions, growing by doubling. (Not one big allocation up front: untouched zeros cost
+        nothing, but the kernel backs each touched layer with a 2 MB huge page, ~100 MB for a full context.)"""
+        if n > self.k.shape[2]:
+            grown = max(n, 2 * self.k.shape[2])
+            k, v = (np.zeros(self.k.shape[:2] + (grown,) + self.k.shape[3:], self.k.dtype) for _ in range(2))
+            k[:, :, :self.length], v[:, :, :self.length] = self.k[:, :, :self.length], self.v[:, :, :self.length]
+            self.k, self.v = k, v
+        return self
 
 
 def attention_layer(x, layer, cfg, cos, sin, mask, cache=None, i=0):  # [B, T, d] -> [B, T, d]

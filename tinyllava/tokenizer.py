@@ -88,7 +88,7 @@ class Tokenizer:
     def __init__(self, tokens, merges, token_types, eos_id, chat_template_system=None):
         self.tokens = list(tokens)                               # id -> token text (in the byte alphabet)
         self.ids = {t: i for i, t in enumerate(self.tokens)}     # token text -> id
-        self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}  # (left, right) -> priority
+        self.ranks = {m: r for r, m in enumerate(merges)}         # "left right" -> priority (lower first)
         self.special = {t: i for i, (t, ty) in enumerate(zip(self.tokens, token_types)) if ty == 3}
         self.eos_id = eos_id
         self.byte_char = bytes_to_unicode()
@@ -113,7 +113,7 @@ class Tokenizer:
     def _bpe_uncached(self, word):  # word in the byte alphabet -> tuple of tokens
         parts = list(word)
         while len(parts) > 1:
-            pairs = [(self.ranks.get(p, float("inf")), i) for i, p in enumerate(zip(parts, parts[1:]))]
+            pairs = [(self.ranks.get(f"{a} {b}", float("inf")), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
             rank, i = min(pairs)
             if rank == float("inf"):
                 break
