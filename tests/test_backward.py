@@ -180,7 +180,7 @@ def test_real_decoder_gradient_matches_saved_reference(decoder):
     np.testing.assert_array_equal(x, ref["x"])
     loss, dx = model.loss_and_grad(x[None], at, targets)
     assert abs(loss - float(ref["loss"])) < 1e-4 * abs(loss)
-    assert np.abs(dx[0] - ref["grad"]).max() < 1e-3 * np.abs(ref["grad"]).max()
+    assert np.abs(dx[0] - ref["grad"]).max() < 1e-4 * np.abs(ref["grad"]).max()  # measured 1.2e-5
 
 
 def test_real_decoder_gradient_matches_live_transformers(decoder, reference):
@@ -192,4 +192,4 @@ def test_real_decoder_gradient_matches_live_transformers(decoder, reference):
     loss, dx = model.loss_and_grad(x[None], at, np.array(cap))
     ref_loss, ref_grad = reference.hf_input_grad(x, at, cap)
     assert abs(loss - ref_loss) < 1e-4 * abs(loss)
-    assert np.abs(dx[0] - ref_grad).max() < 1e-3 * np.abs(ref_grad).max()
+    assert np.abs(dx[0] - ref_grad).max() < 1e-4 * np.abs(ref_grad).max()
