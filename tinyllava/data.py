@@ -224,7 +224,7 @@ class FeatureCache:
         from .image import preprocess
         todo, failed = np.nonzero(~self.done)[0], []
         with tqdm(total=len(self), initial=len(self) - len(todo), desc="image features", unit="img",
-                  file=sys.stderr, dynamic_ncols=True) as bar:
+                  file=sys.stderr, dynamic_ncols=True, disable=None) as bar:
             for s in range(0, len(todo), chunk):
                 idx, pixels = [], []
                 for i in todo[s:s + chunk]:

@@ -72,7 +72,8 @@ def evaluate(llava, features, captions, n_generate=5, images=None, progress=True
     K = len(ids)
     tokens = np.array([len(c) for c in ids])
     logp = np.zeros((K, K))
-    for i in tqdm(range(K), desc="K x K scores", file=sys.stderr, disable=not progress, dynamic_ncols=True):
+    for i in tqdm(range(K), desc="K x K scores", file=sys.stderr, disable=None if progress else True,
+                  dynamic_ncols=True):
         logp[i], _ = caption_logprobs(dec, llava.projector.forward(features[i]), ids)
     none, _ = caption_logprobs(dec, dec.embed([0]), ids)                          # prefix: <|endoftext|>
     shuffled = logp[(np.arange(K) + 1) % K, np.arange(K)]                         # each caption, the next image

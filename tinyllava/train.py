@@ -179,7 +179,8 @@ def train(args, log=print):
         log(f"training a {args.projector} projector: {len(train_idx)} images, {total} steps of {args.batch}")
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=None)  # None: shown on a terminal only
     while step < total:
         t0 = time.perf_counter()
         epoch, k = divmod(step * args.batch, steps_per_epoch * args.batch)
