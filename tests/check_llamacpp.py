@@ -12,7 +12,6 @@ multimodal library (mtmd), and compare with tinyllava:
      llama.cpp's: this splits any difference into "the image tokens differ" and "the decoders differ"
 """
 import argparse
-import ctypes
 import json
 import sys
 import tempfile
@@ -25,103 +24,13 @@ from tinyllava import weights  # noqa: E402
 from tinyllava.export import export_mmproj  # noqa: E402
 from tinyllava.generate import generate  # noqa: E402
 from tinyllava.image import open_image, preprocess  # noqa: E402
+from tinyllava.llamacpp import MARKER, LlamaCpp  # noqa: E402
 from tinyllava.model import chat_prompt, default_projector_path, load_llava  # noqa: E402
 from tinyllava.projector import Projector  # noqa: E402
 from tinyllava.quant import GGMLType  # noqa: E402
 
-MARKER = "<__media__>"
 QUESTION = "What is in the picture?"
 N_NEW = 24
-
-
-def no_extra_buffer_types():
-    """llama.cpp puts weights in "extra buffer types" where it can, such as the AMX tiles of Sapphire Rapids CPUs;
-    its AMX matmul crashes (SIGSEGV) on these machines as soon as a batch has many rows. Keep plain buffers."""
-    import llama_cpp.llama_cpp as lib
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-    lib.llama_model_default_params = params
-
-
-class LlamaCpp:
-    """SmolLM2 + an mmproj in llama.cpp, through llama-cpp-python's low-level bindings (float32 attention)."""
-
-    def __init__(self, mmproj, threads=2):
-        import llama_cpp
-        import llama_cpp.mtmd_cpp as mtmd
-        no_extra_buffer_types()
-        self.lc, self.mtmd = llama_cpp, mtmd
-        self.llm = llama_cpp.Llama(model_path=str(weights.decoder_path()), n_ctx=1024, n_batch=512,
-                                   n_threads=threads, flash_attn=False, verbose=False)
-        p = mtmd.mtmd_context_params_default()
-        p.use_gpu, p.n_threads, p.print_timings = False, threads, False
-        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, p)
-        if not self.ctx:
-            raise RuntimeError(f"llama.cpp refused {mmproj}")
-
-    def embeddings(self, rgb):
-        """llama.cpp's image tokens for an RGB uint8 picture -> [196, 576]."""
-        m = self.mtmd
-        img = np.ascontiguousarray(rgb)
-        bmp = m.mtmd_bitmap_init(img.shape[1], img.shape[0], (ctypes.c_uint8 * img.size).from_buffer_copy(img.tobytes()))
-        t = m.mtmd_input_text()
-        t.text, t.text_len, t.add_special, t.parse_special = MARKER.encode(), len(MARKER), False, True
-        chunks = m.mtmd_input_chunks_init()
-        assert m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(t), (m.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-        ch = m.mtmd_input_chunks_get(chunks, 0)
-        n = m.mtmd_input_chunk_get_n_tokens(ch)
-        assert m.mtmd_input_chunk_get_type(ch) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE and m.mtmd_encode_chunk(self.ctx, ch) == 0
-        d = self.lc.llama_model_n_embd_inp(self.llm.model)
-        out = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.ctx), shape=(n * d,)).reshape(n, d).copy()
-        m.mtmd_input_chunks_free(chunks)
-        m.mtmd_bitmap_free(bmp)
-        return out
-
-    def _decode(self, n_past, ids=None, emb=None):  # token ids or embeddings [n, d] at positions n_past...
-        lc = self.lc
-        n = len(ids) if ids is not None else len(emb)
-        batch = lc.llama_batch_init(n, 0 if ids is not None else emb.shape[1], 1)
-        try:
-            if ids is not None:
-                for i, t in enumerate(ids):
-                    batch.token[i] = t
-            else:
-                ctypes.memmove(batch.embd, np.ascontiguousarray(emb, np.float32).ctypes.data, emb.size * 4)
-            for i in range(n):
-                batch.pos[i], batch.n_seq_id[i], batch.logits[i] = n_past + i, 1, i == n - 1
-                batch.seq_id[i][0] = 0
-            batch.n_tokens = n
-            assert lc.llama_decode(self.llm.ctx, batch) == 0
-        finally:
-            lc.llama_batch_free(batch)
-        return n_past + n
-
-    def answer(self, prompt, image_tokens):
-        """Greedy continuation of `prompt` (MARKER where the image goes), with llama.cpp's decoder, the
-        image as the given tokens [196, 576], the text through llama.cpp's own tokenizer. -> token ids"""
-        lc = self.lc
-        lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
-        before, after = prompt.split(MARKER)
-        n_past = 0
-        if before:
-            n_past = self._decode(n_past, ids=self.llm.tokenize(before.encode(), add_bos=False, special=True))
-        n_past = self._decode(n_past, emb=image_tokens)
-        if after:
-            n_past = self._decode(n_past, ids=self.llm.tokenize(after.encode(), add_bos=False, special=True))
-        vocab, out = lc.llama_model_get_vocab(self.llm.model), []
-        for _ in range(N_NEW):
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
-            tok = int(np.argmax(logits))
-            out.append(tok)
-            if lc.llama_vocab_is_eog(vocab, tok):
-                break
-            n_past = self._decode(n_past, ids=[tok])
-        return out
 
 
 def photos(n):

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 ENGINES = ("fused", "reference", "llama.cpp", "torch")
 COLUMNS = {"fused": "tinyllava fused", "reference": "tinyllava reference float32",
@@ -119,22 +120,24 @@ def run_tinyllava(args, fused):
 
 
 def run_llama_cpp(args):
-    import llama_cpp
-    import numpy as np
-    from .weights import decoder_path
-    path, ids = str(decoder_path()), args.ids
-    if args.no_extra_bufts:  # ggml's AMX/repacked weight buffers: AMX tiles fault on some VMs
-        default = llama_cpp.llama_model_default_params
+    """llama.cpp through llama-cpp-python (tinyllava/llamacpp.py), on the same decoder GGUF; its vision tower is
+    tinyllava's exported mmproj (python -m tinyllava.export) with the committed projector."""
+    import tempfile
 
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-        llama_cpp.llama_model_default_params = params
-        llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    import numpy as np
+
+    from .export import export_mmproj
+    from .llamacpp import LlamaCpp
+    from .model import default_projector_path
+    from .projector import Projector
+    from .weights import vision_path
+    ids, mmproj = args.ids, None
+    if not args.ttft and default_projector_path().exists():
+        mmproj = export_mmproj(Path(tempfile.mkdtemp()) / "mmproj.gguf", vision_path(),
+                               Projector.load(default_projector_path()))
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(path, n_ctx=512, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads,
-                          verbose=False)
+    cpp = LlamaCpp(mmproj, args.threads, extra_buffer_types=not args.no_extra_bufts)
+    llm = cpp.llm
 
     def prefill():
         llm.reset()
@@ -144,6 +147,11 @@ def run_llama_cpp(args):
     first = prefill()
     if args.ttft:
         return {"ttft_s": time.perf_counter() - t0, "first_token": first}
+    vision = None
+    if mmproj is not None:
+        rgb = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)  # 224x224: no resampling
+        cpp.embeddings(rgb)  # warm
+        vision = median_time(lambda: cpp.embeddings(rgb), args.reps)
     prefill_s = median_time(prefill, args.reps)
 
     def decode_timed():
@@ -156,7 +164,7 @@ def run_llama_cpp(args):
 
     decode_s = statistics.median(decode_timed() for _ in range(args.reps))
     return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.decode_tokens / decode_s,
-            "vision_s": None, "peak_rss_mb": rss_mb("VmHWM"), "extra_bufts": not args.no_extra_bufts}
+            "vision_s": vision, "peak_rss_mb": rss_mb("VmHWM"), "extra_bufts": not args.no_extra_bufts}
 
 
 def torch_vision_tower(path, n_layers):
@@ -337,6 +345,8 @@ def ratios(results):
         r["prefill_vs_llama.cpp"] = f["prefill_tok_s"] / lc["prefill_tok_s"]
     if f and th:
         r["vision_speed_vs_torch"] = th["vision_s"] / f["vision_s"]  # > 1: fused is faster
+    if f and lc and lc.get("vision_s"):
+        r["vision_speed_vs_llama.cpp"] = lc["vision_s"] / f["vision_s"]
     return r
 
 
@@ -354,7 +364,9 @@ def table(report):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ratio = {"decode_tok_s": f"{r['decode_vs_llama.cpp']:.2f}x llama.cpp" if "decode_vs_llama.cpp" in r else "",
              "prefill_tok_s": f"{r['prefill_vs_llama.cpp']:.2f}x llama.cpp" if "prefill_vs_llama.cpp" in r else "",
-             "vision_s": f"{r['vision_speed_vs_torch']:.2f}x torch's speed" if "vision_speed_vs_torch" in r else "",
+             "vision_s": ", ".join(f"{r[k]:.2f}x {name}'s speed" for k, name in
+                                   [("vision_speed_vs_torch", "torch"), ("vision_speed_vs_llama.cpp", "llama.cpp")]
+                                   if k in r),
              "ttft_s": "", "peak_rss_mb": (f"{res['fused']['peak_rss_mb'] / files:.2f}x the model files"
                                            if res.get("fused") else "")}
     for label, key, fmt in ROWS:
@@ -372,9 +384,9 @@ def table(report):
              f"{load if load is not None else '?'} before the run); prompt {report['prompt_tokens']} tokens, "
              f"{report['decode_tokens']} decoded, median of {report['reps']}; model files {files:.0f} MB "
              f"({' + '.join(f'{v:.0f}' for v in report['model_files_mb'].values())}).",
-             "[1] llama.cpp's vision tower needs an mmproj GGUF with a projector, which does not exist yet.",
-             "peak RSS: llama.cpp loads the decoder only; the tinyllava and torch workers load both models and "
-             "encode one image first; fused then gives the vision tower's pages back (fused.release)."]
+             "[1] llama.cpp's vision tower runs tinyllava's exported mmproj: it needs weights/projector.gguf.",
+             "peak RSS: every worker loads both models and encodes one image, then the prompt and the decoded "
+             "tokens; fused gives the vision tower's pages back after the image (fused.release)."]
     lc = res.get("llama.cpp")
     if lc and not lc.get("extra_bufts", True):
         notes.append("llama.cpp ran with use_extra_bufts=False: its AMX weight buffers crash on this VM.")

@@ -12,7 +12,6 @@ thread count; figures are captions (samples) per second, median of --reps.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -23,13 +22,9 @@ CAPTIONS = ["A brown dog runs through the tall green grass.", "A dog is running 
 
 
 def median_seconds(fn, reps):
+    from .bench import median_time
     fn()  # warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_time(fn, reps)
 
 
 def run_tinyllava(reps):
