@@ -172,7 +172,11 @@ def train(args, log=print):
         _write_atomic(log_path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < step))
         log(f"resuming {ckpt} at step {step}/{total}")
     else:
-        proj = Projector.init(args.projector, cache.features.shape[-1], decoder.cfg.dim, seed=args.seed)
+        proj = Projector.load(args.init) if args.init else \
+            Projector.init(args.projector, cache.features.shape[-1], decoder.cfg.dim, seed=args.seed)
+        if proj.kind != args.projector or proj.d_out != decoder.cfg.dim:
+            raise TinyLlavaError(f"{args.init}: a {proj.kind} projector to {proj.d_out}, not {args.projector} to "
+                                 f"{decoder.cfg.dim}")
         opt, step = AdamW(proj.params, weight_decay=args.weight_decay), 0
         state = {"seed": args.seed, "total": total, "best_dev": None, "best_step": None}
         log_path.unlink(missing_ok=True)
@@ -240,6 +244,7 @@ def parser():
     ap.add_argument("--checkpoint-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    ap.add_argument("--init", help="start from this projector GGUF instead of random weights (a further epoch)")
     ap.add_argument("--cache", help="feature cache folder")
     ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
     ap.add_argument("--model", help="decoder GGUF (default: the fetched SmolLM2)")
