@@ -95,6 +95,8 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="folder with pairs.jsonl (any folder in that format)")
     ap.add_argument("--split", default=None, help="only this split (e.g. dev); default: every line")
     ap.add_argument("--limit", type=int, default=100, help="K: how many images (and captions) to score")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="start after this many images (train picks its best checkpoint on the first 100 dev images)")
     ap.add_argument("--projector", help="projector GGUF (default: the committed weights/projector.gguf)")
     ap.add_argument("--model", help="decoder GGUF (default: the fetched SmolLM2)")
     ap.add_argument("--generate", type=int, default=5, help="greedy captions to write for the first N images")
@@ -106,11 +108,15 @@ def main(argv=None):
     with cli_errors("tinyllava.evaluate"):
         if args.limit < 2:
             raise TinyLlavaError("--limit must be at least 2")
+        if args.skip < 0:
+            raise TinyLlavaError("--skip must not be negative")
         from .data import FeatureCache, load_examples
         from .model import load_llava
         from .vit import VisionTower
         from .weights import vision_path
-        examples = load_examples(args.data, split=args.split, on_error=args.on_error)[:args.limit]
+        examples = load_examples(args.data, split=args.split, on_error=args.on_error)[args.skip:args.skip + args.limit]
+        if len(examples) < 2:
+            raise TinyLlavaError(f"{args.data}: fewer than 2 images to score after --skip {args.skip}")
         llava = load_llava(projector=args.projector, decoder=args.model, tower=False)
         cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
         cache.fill(VisionTower.load(vision_path()))
