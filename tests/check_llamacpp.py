@@ -1,7 +1,7 @@
 """Does llama.cpp run tinyllava's trained model and say the same thing? (A check script, not a CI test:
 `pip install llama-cpp-python==0.3.36` compiles llama.cpp, about 25 minutes on two cores.)
 
-    python tests/check_llamacpp.py [--projector FILE] [--photos N] [--json]
+    python tests/check_llamacpp.py [--projector FILE] [--photos N] [--type q8_0|f32] [--cls reorder|drop] [--json]
 
 For each photo: export the mmproj (python -m tinyllava.export), load it with SmolLM2's GGUF in llama.cpp's
 multimodal library (mtmd), and compare with tinyllava:
@@ -34,13 +34,14 @@ N_NEW = 24
 
 
 def photos(n):
-    """Flickr8k dev photos (224x224: no resampling on either side) when present, then the demo photos."""
+    """N Flickr8k dev photos (224x224: no resampling on either side) when present, then four demo photos of other
+    sizes (both sides pad them square with the mean colour; then tinyllava resizes bicubic, llama.cpp bilinear)."""
     flickr = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
     out = []
     if flickr.is_dir():
         pairs = [json.loads(x) for x in (flickr / "pairs.jsonl").open()]
         out = [flickr / p["image"] for p in pairs if p["split"] == "dev"][:n]
-    return out + list(weights.demo_photos().values())[:max(0, n - len(out))]
+    return out + list(weights.demo_photos().values())[:4]
 
 
 def cosine(a, b):
@@ -50,7 +51,7 @@ def cosine(a, b):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--projector", default=str(default_projector_path()))
-    ap.add_argument("--photos", type=int, default=6)
+    ap.add_argument("--photos", type=int, default=4, help="Flickr8k dev photos (plus 4 demo photos)")
     ap.add_argument("--type", choices=["q8_0", "f32"], default="q8_0")
     ap.add_argument("--cls", choices=["reorder", "drop"], default="reorder")
     ap.add_argument("--json", action="store_true")
@@ -64,7 +65,7 @@ def main():
     rows = []
     for path in photos(args.photos):
         img = open_image(path)
-        ours_img = llava.image_tokens(preprocess(img)[None])[0]                 # [196, 576]
+        ours_img = llava.image_tokens(preprocess(img, pad=True)[None])[0]       # [196, 576], as generate
         theirs_img = cpp.embeddings(np.asarray(img))
         shift = 1 if args.cls == "reorder" else 0                              # llama.cpp's token j = our j + 1
         cos = cosine(ours_img[shift:], theirs_img[:196 - shift])
