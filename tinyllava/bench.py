@@ -2,6 +2,7 @@
 
     python -m tinyllava.bench                 # one markdown table (a few minutes)
     python -m tinyllava.bench --threads 1 --json
+    python -m tinyllava.bench --profile       # where the fused engine's time goes
 
 Every engine runs in its own subprocess, so its peak RSS (VmHWM) is its own, with the same thread count
 (OMP/OpenBLAS/MKL/numba threads, torch.set_num_threads, llama.cpp n_threads). Each measures, on the same
@@ -236,7 +237,59 @@ def run_torch(args):
             "vision_s": vision, "peak_rss_mb": rss_mb("VmHWM")}
 
 
+def run_profile(args):
+    """Where the fused engine's time goes: cProfile's own time per function over one image, one prefill and
+    --decode-tokens decoding steps. Compiled loops (numba) and BLAS count toward the Python function that calls
+    them (QuantMatrix.matmul, linear); cProfile's own overhead inflates the many small NumPy calls a little."""
+    import cProfile
+    import pstats
+    import numpy as np
+    from . import fused
+    from .generate import load_decoder
+    from .llama import KVCache
+    from .vit import VisionTower
+    from .weights import decoder_path, vision_path
+    model, _ = load_decoder(decoder_path(), load_matrix=fused.QuantMatrix.from_tensor)
+    tower = VisionTower.load(vision_path(), load_matrix=fused.QuantMatrix.from_tensor)
+    px, ids = pixels(), args.ids
+
+    def prefill():
+        cache = KVCache(model.cfg, 1, len(ids) + args.decode_tokens + 1)
+        return model.forward(model.embed([ids]), cache), cache
+
+    def decode(cache):
+        tok_id = 42
+        for _ in range(args.decode_tokens):
+            tok_id = int(np.argmax(model.logits(model.forward(model.embed([[tok_id]]), cache)[0, -1])))
+
+    after_prompt = prefill()[1]
+    stages = {}
+    for name, fn in [("vision tower, one image", lambda: tower.features(px)),
+                     (f"prefill, {len(ids)} tokens", prefill),
+                     (f"decode, {args.decode_tokens} tokens", lambda: decode(after_prompt.copy()))]:
+        fn()  # warm
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.runcall(fn)
+        seconds = time.perf_counter() - t0
+        stats = pstats.Stats(prof).stats
+        rows = sorted(((tt, nc, func if file == "~" else f"{Path(file).stem}.{func}")
+                       for (file, _, func), (_, nc, tt, _, _) in stats.items()), reverse=True)
+        stages[name] = {"seconds": seconds, "top": [[label, tt, nc] for tt, nc, label in rows[:12]]}
+    return {"engine": fused.ENGINE, "threads": args.threads, "stages": stages}
+
+
+def profile_table(prof):
+    lines = [f"fused engine ({prof['engine']}), {prof['threads']} threads: cProfile's own time per function"]
+    for name, st in prof["stages"].items():
+        lines += ["", f"{name}: {st['seconds']:.3f} s", "", "| share | s | calls | function |", "|---|---|---|---|"]
+        lines += [f"| {tt / st['seconds']:.0%} | {tt:.3f} | {nc} | `{label}` |" for label, tt, nc in st["top"]]
+    return "\n".join(lines)
+
+
 def worker(args):
+    if args.profile:
+        return run_profile(args)
     if args.worker == "fused":
         return run_tinyllava(args, fused=True)
     if args.worker == "reference":
@@ -408,6 +461,8 @@ def main(argv=None):
     ap.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per repetition (32)")
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed per engine (900)")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the table: where the fused engine's time goes (cProfile, per stage)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--no-extra-bufts", action="store_true", help=argparse.SUPPRESS)
@@ -416,6 +471,12 @@ def main(argv=None):
     if args.worker:  # inside a subprocess: measure one engine, print one JSON line
         args.ids = [int(i) for i in args.ids.split(",")]
         print(json.dumps(worker(args)))
+        return
+    if args.profile:
+        res, err = spawn("fused", args, prompt_ids(args.prompt_tokens), ["--profile"])
+        if res is None:
+            sys.exit(f"tinyllava.bench: the profile {err}")
+        print(json.dumps(res, indent=1) if args.json else profile_table(res))
         return
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(args.engines) - set(ENGINES)
