@@ -162,7 +162,7 @@ def main(argv=None):
         images = args.image or []
         if not images and args.prompt is None and not args.chat:  # no arguments: a demo photo
             from .weights import demo_photos
-            images = [demo_photos()["chelsea.png"]]
+            images = [demo_photos()["astronaut.png"]]  # a person: Flickr8k's domain (see README)
             print(f"(no --image given: captioning the demo photo {images[0]})", file=sys.stderr)
         if images:
             from .image import preprocess
