@@ -46,10 +46,9 @@ TILE_BYTES = 4 << 20    # float32 bytes of one dequantized tile: bounds the extr
 AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop (measured: 4-8 kB are as good)
 PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starting the threads costs ~10 us)
 
-# numba's OpenMP threads spin between parallel loops by default. Between two products this process runs NumPy
-# and OpenBLAS on the same cores, and on a busy machine a spinning thread that loses its core makes every loop
-# wait for it: measured 2 threads, decoding: 98-1130 ms per token spinning, 47 ms passive (27 ms, 1 thread).
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# numba's OpenMP threads spin a while between parallel loops, as OpenMP does by default: keep it. Decoding runs
+# ~200 short loops per token, and waking sleeping threads for each is slow: measured on 2 idle cores, 49 tokens/s
+# by default, 3.9 with OMP_WAIT_POLICY=passive. (On a busy machine spinning threads lose their cores: use fewer.)
 
 
 def keep_freed_memory():
