@@ -11,7 +11,7 @@ What llama.cpp (as vendored in llama-cpp-python 0.3.36) computes, and how this f
   order, and hands rows 1..196 to the projector. So by default (`--cls reorder`) the position table is
   written rotated, [pos 1..196, pos 0], and every token gets its own position: the encoder computes exactly
   CLIP's numbers. The projector then receives patches 1..195 and the class token instead of patches 0..195:
-  one of 196 image tokens differs (measured in scripts/check_llamacpp.py). `--cls drop` writes no class token
+  one of 196 image tokens differs (measured in tests/check_llamacpp.py). `--cls drop` writes no class token
   instead: the order is right but the encoder runs without it, so every token moves a little.
 - the projector: llama.cpp's "mlp" type is mm.0 -> GELU (tanh approximation) -> mm.2, which is tinyllava's
   mlp2x_gelu. A linear projector (LLaVA v1) becomes mm.0 = [W; b + C], mm.2 = [I; -C] with C = 64: ggml's GELU
