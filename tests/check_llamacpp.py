@@ -56,10 +56,10 @@ def main():
     ap.add_argument("--cls", choices=["reorder", "drop"], default="reorder")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    mmproj = export_mmproj(tmp / "mmproj.gguf", weights.vision_path(), Projector.load(args.projector),
-                           GGMLType.Q8_0 if args.type == "q8_0" else GGMLType.F32, args.cls)
-    cpp = LlamaCpp(mmproj)
+    with tempfile.TemporaryDirectory() as tmp:  # llama.cpp reads the 93 MB file once, at load
+        mmproj = export_mmproj(Path(tmp) / "mmproj.gguf", weights.vision_path(), Projector.load(args.projector),
+                               GGMLType.Q8_0 if args.type == "q8_0" else GGMLType.F32, args.cls)
+        cpp = LlamaCpp(mmproj)
     llava = load_llava(args.projector)
     tok, dec = llava.tok, llava.decoder
     rows = []

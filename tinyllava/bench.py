@@ -64,6 +64,19 @@ def pixels():  # one preprocessed 224x224 image; the content does not change the
     return np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
 
 
+def tinyllava_prefill(model, ids, room):  # -> (logits of the last position [vocab], KV cache with room to spare)
+    from .llama import KVCache
+    cache = KVCache(model.cfg, 1, len(ids) + room)
+    return model.logits(model.forward(model.embed([ids]), cache)[0, -1]), cache
+
+
+def tinyllava_decode(model, cache, tok_id, n):  # n greedy steps after tok_id, appended to cache -> the last token
+    import numpy as np
+    for _ in range(n):
+        tok_id = int(np.argmax(model.logits(model.forward(model.embed([[tok_id]]), cache)[0, -1])))
+    return tok_id
+
+
 def run_tinyllava(args, fused):
     """The tinyllava engines: fused (quantized blocks, fused.QuantMatrix) or reference (float32 at load). In
     the order of a generate run with an image: load both models, encode the image, then the prompt, then
@@ -72,7 +85,6 @@ def run_tinyllava(args, fused):
     memory = {"imports": rss_mb()}
     from . import fused as fused_mod
     from .generate import load_decoder
-    from .llama import KVCache
     from .vit import VisionTower
     from .weights import decoder_path, vision_path
     load_matrix = fused_mod.QuantMatrix.from_tensor if fused else None
@@ -84,9 +96,7 @@ def run_tinyllava(args, fused):
     memory["decoder + tokenizer loaded"] = rss_mb()
 
     def prefill():  # -> (logits of the last position, cache)
-        cache = KVCache(model.cfg, 1, len(ids) + args.decode_tokens + 1)
-        h = model.forward(model.embed([ids]), cache)
-        return model.logits(h[0, -1]), cache
+        return tinyllava_prefill(model, ids, args.decode_tokens + 1)
 
     if args.ttft:
         first = int(np.argmax(prefill()[0]))
@@ -106,12 +116,8 @@ def run_tinyllava(args, fused):
     logits, cache = prefill()
     memory["prompt done"] = rss_mb()
 
-    def decode():
-        c, tok_id = cache.copy(), int(np.argmax(logits))
-        for _ in range(args.decode_tokens):
-            tok_id = int(np.argmax(model.logits(model.forward(model.embed([[tok_id]]), c)[0, -1])))
-
-    decode_s = median_time(decode, args.reps)
+    decode_s = median_time(lambda: tinyllava_decode(model, cache.copy(), int(np.argmax(logits)), args.decode_tokens),
+                           args.reps)
     memory["decoded"] = rss_mb()
     out = {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.decode_tokens / decode_s,
            "vision_s": vision, "peak_rss_mb": rss_mb("VmHWM"), "memory_mb": memory}
@@ -133,17 +139,17 @@ def run_llama_cpp(args):
     from .projector import Projector
     from .weights import vision_path
     ids, mmproj = args.ids, None
-    if not args.ttft and default_projector_path().exists():
-        mmproj = export_mmproj(Path(tempfile.mkdtemp()) / "mmproj.gguf", vision_path(),
-                               Projector.load(default_projector_path()))
-    t0 = time.perf_counter()
-    cpp = LlamaCpp(mmproj, args.threads, extra_buffer_types=not args.no_extra_bufts)
+    with tempfile.TemporaryDirectory() as tmp:  # llama.cpp reads the mmproj once, at load
+        if not args.ttft and default_projector_path().exists():
+            mmproj = export_mmproj(Path(tmp) / "mmproj.gguf", vision_path(), Projector.load(default_projector_path()))
+        t0 = time.perf_counter()
+        cpp = LlamaCpp(mmproj, args.threads, extra_buffer_types=not args.no_extra_bufts)
     llm = cpp.llm
 
     def prefill():
         llm.reset()
         llm.eval(ids)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return int(np.argmax(cpp.logits()))  # (llm.scores stays zeros unless every position's logits are kept)
 
     first = prefill()
     if args.ttft:
@@ -160,7 +166,7 @@ def run_llama_cpp(args):
         t = time.perf_counter()
         for _ in range(args.decode_tokens):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(cpp.logits()))
         return time.perf_counter() - t
 
     decode_s = statistics.median(decode_timed() for _ in range(args.reps))
@@ -246,27 +252,19 @@ def run_profile(args):
     import numpy as np
     from . import fused
     from .generate import load_decoder
-    from .llama import KVCache
     from .vit import VisionTower
     from .weights import decoder_path, vision_path
     model, _ = load_decoder(decoder_path(), load_matrix=fused.QuantMatrix.from_tensor)
     tower = VisionTower.load(vision_path(), load_matrix=fused.QuantMatrix.from_tensor)
     px, ids = pixels(), args.ids
 
-    def prefill():
-        cache = KVCache(model.cfg, 1, len(ids) + args.decode_tokens + 1)
-        return model.forward(model.embed([ids]), cache), cache
-
-    def decode(cache):
-        tok_id = 42
-        for _ in range(args.decode_tokens):
-            tok_id = int(np.argmax(model.logits(model.forward(model.embed([[tok_id]]), cache)[0, -1])))
-
-    after_prompt = prefill()[1]
+    logits, after_prompt = tinyllava_prefill(model, ids, args.decode_tokens + 1)
+    first = int(np.argmax(logits))
     stages = {}
     for name, fn in [("vision tower, one image", lambda: tower.features(px)),
-                     (f"prefill, {len(ids)} tokens", prefill),
-                     (f"decode, {args.decode_tokens} tokens", lambda: decode(after_prompt.copy()))]:
+                     (f"prefill, {len(ids)} tokens", lambda: tinyllava_prefill(model, ids, args.decode_tokens + 1)),
+                     (f"decode, {args.decode_tokens} tokens",
+                      lambda: tinyllava_decode(model, after_prompt.copy(), first, args.decode_tokens))]:
         fn()  # warm
         prof = cProfile.Profile()
         t0 = time.perf_counter()

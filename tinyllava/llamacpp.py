@@ -67,6 +67,9 @@ class LlamaCpp:
         m.mtmd_bitmap_free(bmp)
         return out
 
+    def logits(self):  # -> [vocab]: the logits of the last position decoded (llama.cpp keeps only those)
+        return np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+
     def _decode(self, n_past, ids=None, emb=None):  # token ids or embeddings [n, d] at positions n_past...
         lc = self.lc
         n = len(ids) if ids is not None else len(emb)
@@ -100,8 +103,7 @@ class LlamaCpp:
             n_past = self._decode(n_past, ids=self.llm.tokenize(after.encode(), add_bos=False, special=True))
         vocab, out = lc.llama_model_get_vocab(self.llm.model), []
         for _ in range(n_new):
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
-            tok = int(np.argmax(logits))
+            tok = int(np.argmax(self.logits()))
             out.append(tok)
             if lc.llama_vocab_is_eog(vocab, tok):
                 break
