@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinyllava import weights  # noqa: E402
 from tinyllava.export import export_mmproj  # noqa: E402
-from tinyllava.generate import generate  # noqa: E402
+from tinyllava.decoding import Sampling  # noqa: E402
 from tinyllava.image import open_image, preprocess  # noqa: E402
 from tinyllava.llamacpp import MARKER, LlamaCpp  # noqa: E402
 from tinyllava.model import chat_prompt, default_projector_path, load_llava  # noqa: E402
@@ -61,7 +61,7 @@ def main():
                                GGMLType.Q8_0 if args.type == "q8_0" else GGMLType.F32, args.cls)
         cpp = LlamaCpp(mmproj)
     llava = load_llava(args.projector)
-    tok, dec = llava.tok, llava.decoder
+    tok = llava.tok
     rows = []
     for path in photos(args.photos):
         img = open_image(path)
@@ -72,13 +72,12 @@ def main():
         row = {"photo": Path(path).name, "size": img.size, "token_cos_min": float(cos.min()),
                "token_cos_mean": float(cos.mean())}
         for name, text in [("caption", MARKER), ("question", chat_prompt(tok, QUESTION).replace("<image>", MARKER))]:
-            ours = list(generate(dec, llava.embed(text.replace(MARKER, "<image>"), [ours_img])[0], N_NEW, {tok.eos_id}))
+            ours = llava.complete(llava.embed(text.replace(MARKER, "<image>"), [ours_img])[0], Sampling(N_NEW))[1]
             theirs = cpp.answer(text, theirs_img)
             row[name] = {"tinyllava": tok.decode(ours), "llama.cpp": tok.decode(theirs), "same": ours == theirs,
                          "same_with_our_image_tokens": cpp.answer(text, ours_img) == ours,
-                         "same_with_their_image_tokens": list(generate(
-                             dec, llava.embed(text.replace(MARKER, "<image>"), [theirs_img])[0], N_NEW,
-                             {tok.eos_id})) == theirs}
+                         "same_with_their_image_tokens": llava.complete(
+                             llava.embed(text.replace(MARKER, "<image>"), [theirs_img])[0], Sampling(N_NEW))[1] == theirs}
         rows.append(row)
         if not args.json:
             print(f"\n{row['photo']} {row['size']}: image tokens cos min {row['token_cos_min']:.4f} "

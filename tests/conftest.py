@@ -23,7 +23,7 @@ def load_json(name):
 
 @pytest.fixture(scope="session")
 def decoder():
-    from tinyllava.generate import load_decoder
+    from tinyllava.model import load_decoder
     return load_decoder()  # (model, tokenizer); fetches the weights if they are not there yet
 
 

@@ -127,7 +127,7 @@ def vision_inputs():
 
 
 def to_levels(pixels):  # normalized [.., 3, H, W] -> the 8-bit levels they came from (uint8)
-    from tinyllava.convert import CLIP_MEAN, CLIP_STD
+    from tinyllava.image import CLIP_MEAN, CLIP_STD
     x = pixels * np.array(CLIP_STD)[:, None, None] + np.array(CLIP_MEAN)[:, None, None]
     return np.round(x * 255).clip(0, 255).astype(np.uint8)
 
@@ -145,7 +145,7 @@ def make_vision():
 # -- gradient through the real decoder ---------------------------------------------------------------------
 def make_gradient():
     from test_backward import real_example
-    from tinyllava.generate import load_decoder
+    from tinyllava.model import load_decoder
     model, tok = load_decoder()
     x, at, targets = real_example(model, tok)
     loss, grad = ref.hf_input_grad(x, at, targets)

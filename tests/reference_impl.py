@@ -40,12 +40,8 @@ def tokenizer():
 
 @functools.lru_cache(maxsize=None)
 def decoder():
-    import torch
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    path = weights.decoder_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return model.eval()
+    from tinyllava.reference import llama_causal_lm
+    return llama_causal_lm(weights.decoder_path())
 
 
 def decoder_activations(ids):
@@ -79,32 +75,11 @@ def vision_tower():
     """transformers' CLIPVisionModelWithProjection holding exactly the weights of tinyllava's CLIP GGUF,
     dequantized by the gguf package (not by tinyllava)."""
     import gguf
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from tinyllava.reference import clip_vision_model
     r = gguf.GGUFReader(weights.vision_path())
-    t = {x.name: torch.from_numpy(np.array(gguf.quants.dequantize(x.data, x.tensor_type), np.float32)
-                                  .reshape([int(d) for d in reversed(x.shape)])) for x in r.tensors}
-    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                           projection_dim=512)
-    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "ln1": "layer_norm1",
-             "ln2": "layer_norm2"}
-    sd = {"vision_model.embeddings.patch_embedding.weight": t["v.patch_embd.weight"],
-          "vision_model.embeddings.class_embedding": t["v.class_embd"],
-          "vision_model.embeddings.position_embedding.weight": t["v.position_embd.weight"],
-          "vision_model.pre_layrnorm.weight": t["v.pre_ln.weight"], "vision_model.pre_layrnorm.bias": t["v.pre_ln.bias"],
-          "vision_model.post_layernorm.weight": t["v.post_ln.weight"],
-          "vision_model.post_layernorm.bias": t["v.post_ln.bias"],
-          "visual_projection.weight": t["v.visual_proj.weight"]}
-    for i in range(12):
-        for ours, theirs in names.items():
-            for kind in ("weight", "bias"):
-                sd[f"vision_model.encoder.layers.{i}.{theirs}.{kind}"] = t[f"v.blk.{i}.{ours}.{kind}"]
-    model = CLIPVisionModelWithProjection(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all("position_ids" in m for m in missing), (missing, unexpected)
-    return model.eval()
+    t = {x.name: np.array(gguf.quants.dequantize(x.data, x.tensor_type), np.float32)
+         .reshape([int(d) for d in reversed(x.shape)]) for x in r.tensors}
+    return clip_vision_model(t.__getitem__, with_projection=True)
 
 
 def image_processor():

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from conftest import load_npz
-from tinyllava import llama, projector
-from tinyllava.llama import Layer, Llama, LlamaConfig, causal_mask
+from tinyllava import ops, projector
+from tinyllava.llama import Layer, Llama, LlamaConfig
+from tinyllava.ops import causal_mask
 from tinyllava.model import collate, pack
 
 
@@ -42,7 +43,7 @@ def test_ops_match_torch_autograd(reference):
     w = rng.standard_normal(8)
     tx = torch.tensor(x, requires_grad=True)
     (torch.sum(tx / torch.sqrt((tx * tx).mean(-1, keepdim=True) + 1e-5) * torch.tensor(w) * torch.tensor(dy))).backward()
-    np.testing.assert_allclose(llama.rms_norm_backward(dy, x, w, 1e-5), tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ops.rms_norm_backward(dy, x, w, 1e-5)[0], tx.grad.numpy(), rtol=1e-10, atol=1e-12)
 
     q, k, v = rng.standard_normal((2, 5, 6, 8)), rng.standard_normal((2, 5, 2, 8)), rng.standard_normal((2, 5, 2, 8))
     mask = causal_mask(5) & (rng.random((2, 1, 5, 5)) < 0.8) | np.eye(5, dtype=bool)
@@ -50,20 +51,20 @@ def test_ops_match_torch_autograd(reference):
     s = (tq.transpose(1, 2) @ tk.transpose(1, 2).repeat_interleave(3, 1).transpose(-1, -2)) / np.sqrt(8)
     p = torch.softmax(s.masked_fill(~torch.tensor(mask), float("-inf")), -1)
     out = (p @ tv.transpose(1, 2).repeat_interleave(3, 1)).transpose(1, 2)
-    np.testing.assert_allclose(llama.attention(q, k, v, mask), out.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ops.attention(q, k, v, mask), out.detach().numpy(), rtol=1e-10, atol=1e-12)
     (out * torch.tensor(dy)).sum().backward()
-    for ours, t in zip(llama.attention_backward(dy, q, k, v, mask), (tq, tk, tv)):
+    for ours, t in zip(ops.attention_backward(dy, q, k, v, mask), (tq, tk, tv)):
         np.testing.assert_allclose(ours, t.grad.numpy(), rtol=1e-9, atol=1e-11)
 
     xs = rng.standard_normal((3, 7)) * 3
     tx = torch.tensor(xs, requires_grad=True)
     torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(np.ones_like(xs)))
-    np.testing.assert_allclose(projector.gelu_tanh(xs), torch.nn.functional.gelu(torch.tensor(xs), approximate="tanh"),
+    np.testing.assert_allclose(ops.gelu_tanh(xs), torch.nn.functional.gelu(torch.tensor(xs), approximate="tanh"),
                                rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(projector.gelu_tanh_backward(np.ones_like(xs), xs), tx.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(ops.gelu_tanh_backward(np.ones_like(xs), xs), tx.grad.numpy(), rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind", projector.KINDS)
+@pytest.mark.parametrize("kind", list(projector.KINDS))
 def test_projector_backward_matches_torch(kind, reference):
     import torch
     proj = projector.Projector.init(kind, d_in=12, d_out=7, seed=3)
@@ -89,7 +90,7 @@ def test_decoder_backward_matches_torch_on_packed_sequences(seed, kw, reference)
     model = tiny_llama(seed, **kw)
     prefix, (ids, pos, mask, at, targets) = packed_example(model, seed)
     x = np.concatenate([prefix, model.embedding[ids[len(prefix):]]])[None]
-    loss, dx = model.loss_and_grad(x, at, targets, pos, mask)
+    loss, dx, _ = model.loss_and_grad(x, at, targets, pos, mask)
     tloss, tx = reference.torch_decoder_loss(model, x, at, targets, pos, mask)
     tloss.backward()
     assert abs(loss - tloss.item()) < 1e-10 * abs(loss)
@@ -100,7 +101,7 @@ def test_padded_batch_of_packed_sequences_matches_torch(reference):
     model = tiny_llama(5)
     examples = [packed_example(model, s, n_prefix=4 + s, caption_lengths=[2 + s, 3]) for s in range(3)]
     x, pos, mask, at, targets = collate([e[1] for e in examples], [e[0] for e in examples], embed_fn(model))
-    loss, dx = model.loss_and_grad(x, at, targets, pos, mask)
+    loss, dx, _ = model.loss_and_grad(x, at, targets, pos, mask)
     tloss, tx = reference.torch_decoder_loss(model, x, at, targets, pos, mask)
     tloss.backward()
     assert abs(loss - tloss.item()) < 1e-10 * abs(loss)
@@ -109,7 +110,7 @@ def test_padded_batch_of_packed_sequences_matches_torch(reference):
     total = 0.0
     for b, (prefix, s) in enumerate(examples):
         xb, pb, mb, ab, tb = collate([s], [prefix], embed_fn(model))
-        lb, db = model.loss_and_grad(xb, ab, tb, pb, mb)
+        lb, db, _ = model.loss_and_grad(xb, ab, tb, pb, mb)
         total += lb
         np.testing.assert_allclose(dx[b, :db.shape[1]], db[0], rtol=1e-9, atol=1e-12)
     assert abs(total - loss) < 1e-9 * abs(loss)
@@ -120,12 +121,12 @@ def test_packing_equals_one_sequence_per_caption():
     model = tiny_llama(6)
     prefix, (ids, pos, mask, at, targets) = packed_example(model, 6)
     x = np.concatenate([prefix, model.embedding[ids[len(prefix):]]])[None]
-    loss, dx = model.loss_and_grad(x, at, targets, pos, mask)
+    loss, dx, _ = model.loss_and_grad(x, at, targets, pos, mask)
     P, total, dprefix = len(prefix), 0.0, 0
     caps = np.split(ids[P:], np.cumsum([3, 4]))
     for cap in caps:
         xs = np.concatenate([prefix, model.embedding[cap]])[None]
-        l, d = model.loss_and_grad(xs, np.arange(P - 1, P - 1 + len(cap)), cap)
+        l, d, _ = model.loss_and_grad(xs, np.arange(P - 1, P - 1 + len(cap)), cap)
         total += l
         dprefix = dprefix + d[0, :P]
     assert abs(total - loss) < 1e-10 * abs(loss)
@@ -147,7 +148,7 @@ def test_decoder_and_projector_gradients_match_finite_differences(seed):
         prefix = proj.forward(feats)
         ids, pos, mask, at, targets = pack(prefix, caps)
         x = np.concatenate([prefix, model.embedding[ids[len(prefix):]]])[None]
-        loss, dx = model.loss_and_grad(x, at, targets, pos, mask)
+        loss, dx, _ = model.loss_and_grad(x, at, targets, pos, mask)
         return loss, proj.backward(dx[0, :len(prefix)], feats)
 
     p0 = {k: v.copy() for k, v in proj.params.items()}
@@ -178,7 +179,7 @@ def test_real_decoder_gradient_matches_saved_reference(decoder):
     ref = load_npz("gradient.npz")
     x, at, targets = real_example(model, tok)
     np.testing.assert_array_equal(x, ref["x"])
-    loss, dx = model.loss_and_grad(x[None], at, targets)
+    loss, dx, _ = model.loss_and_grad(x[None], at, targets)
     assert abs(loss - float(ref["loss"])) < 1e-4 * abs(loss)
     assert np.abs(dx[0] - ref["grad"]).max() < 1e-4 * np.abs(ref["grad"]).max()  # measured 1.2e-5
 
@@ -189,7 +190,7 @@ def test_real_decoder_gradient_matches_live_transformers(decoder, reference):
     cap = tok.encode("Two children play on a beach near the water.") + [tok.eos_id]
     x = np.concatenate([(rng.standard_normal((4, 576)) * 0.05).astype(np.float32), model.embed(cap[:-1])])
     at = np.arange(3, len(x))
-    loss, dx = model.loss_and_grad(x[None], at, np.array(cap))
+    loss, dx, _ = model.loss_and_grad(x[None], at, np.array(cap))
     ref_loss, ref_grad = reference.hf_input_grad(x, at, cap)
     assert abs(loss - ref_loss) < 1e-4 * abs(loss)
     assert np.abs(dx[0] - ref_grad).max() < 1e-4 * np.abs(ref_grad).max()

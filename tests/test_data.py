@@ -78,12 +78,12 @@ def test_feature_cache_resumes_and_refuses_other_images(tmp_path, folder):
             FakeTower.calls += len(px)
             return np.ones((len(px), 196, 768), np.float32) * px[:, :1, :1, :1]
 
-    cache = FeatureCache(tmp_path / "c", [e.image for e in ex], "tower-x")
+    cache = FeatureCache(tmp_path / "c", [e.image for e in ex], "tower-x", True, (196, 768))
     cache.fill(FakeTower(), chunk=1)
     assert FakeTower.calls == 2 and cache.done.all()
-    again = FeatureCache(tmp_path / "c", [e.image for e in ex], "tower-x")
+    again = FeatureCache(tmp_path / "c", [e.image for e in ex], "tower-x", True, (196, 768))
     again.fill(FakeTower())
     assert FakeTower.calls == 2  # nothing recomputed
     assert again[1].dtype == np.float32 and again[1].shape == (196, 768)
     with pytest.raises(TinyLlavaError, match="other images"):
-        FeatureCache(tmp_path / "c", [ex[0].image], "tower-x")
+        FeatureCache(tmp_path / "c", [ex[0].image], "tower-x", True, (196, 768))

@@ -6,7 +6,8 @@ import sys
 import numpy as np
 
 from test_backward import tiny_llama
-from tinyllava.evaluate import caption_logprobs, retrieval, log_softmax
+from tinyllava.evaluate import caption_logprobs, retrieval
+from tinyllava.ops import log_softmax
 
 
 def test_shared_prefix_scores_equal_one_sequence_per_caption():

@@ -7,10 +7,10 @@ from tinyllava import weights
 from tinyllava.export import export_mmproj
 from tinyllava.gguf import GGUFFile, ValueType
 from tinyllava.image import preprocess
-from tinyllava.llama import attention
-from tinyllava.projector import Projector, gelu_tanh
+from tinyllava.ops import attention, gelu_tanh, layer_norm, quick_gelu
+from tinyllava.projector import Projector
 from tinyllava.quant import GGMLType
-from tinyllava.vit import VisionTower, layer_norm, patchify, quick_gelu
+from tinyllava.vit import VisionTower, patchify
 
 from make_reference import synthetic_photo
 
@@ -54,7 +54,7 @@ def test_llama_cpp_graph_on_the_export_computes_tinyllavas_tokens(setup, kind):
     theirs = llama_cpp_llava_graph(g, pixels)                    # [196, 576]: patches 1..195, then the class token
     ours = proj.forward(feats)                                   # [196, 576]: patches 0..195
     np.testing.assert_allclose(theirs[:195], ours[1:], atol=2e-4 * np.abs(ours).max())
-    cls_token = proj.forward(tower.forward(pixels[None], n_layers=11)[-1][0, :1])
+    cls_token = proj.forward(tower.forward(tower.embed(pixels[None]), n_layers=11)[0, :1])
     np.testing.assert_allclose(theirs[195:], cls_token, atol=2e-4 * np.abs(ours).max())
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tinyllava import fused, quant, weights
-from tinyllava.generate import generate
+from tinyllava.decoding import Sampling, generate
 from tinyllava.gguf import GGUFFile
 from tinyllava.quant import GGMLType
 
@@ -144,8 +144,8 @@ def test_decoder_logits_and_greedy_tokens(decoder, fused_decoder):
         assert np.abs(step[1] - step[0]).max() < 1e-4 * np.abs(step[0]).max()
     x = [m.embed([ids]) for m in (ref, model)]
     np.testing.assert_array_equal(x[1], x[0])
-    want = list(generate(ref, x[0], 24))
-    assert list(generate(model, x[1], 24)) == want
+    want = list(generate(ref, x[0], Sampling(24)))
+    assert list(generate(model, x[1], Sampling(24))) == want
 
 
 def test_decoder_numpy_fallback(decoder, fused_decoder, monkeypatch):
@@ -153,7 +153,7 @@ def test_decoder_numpy_fallback(decoder, fused_decoder, monkeypatch):
     ref, tok = decoder
     model, _ = fused_decoder
     ids = tok.encode(tok.chat([{"role": "user", "content": "What is the capital of France?"}]))
-    assert list(generate(model, model.embed([ids]), 8)) == list(generate(ref, ref.embed([ids]), 8))
+    assert list(generate(model, model.embed([ids]), Sampling(8))) == list(generate(ref, ref.embed([ids]), Sampling(8)))
 
 
 def test_vision_block(tensors):
@@ -174,5 +174,5 @@ def test_release_gives_pages_back_and_keeps_the_numbers():
     m = fused.QuantMatrix.from_tensor(g.tensor("v.blk.0.ffn_up.weight"))
     x = np.random.default_rng(0).standard_normal((1, 768)).astype(np.float32)
     before = m.matmul(x)
-    fused.release(g)                                                  # the pages come back on the next read
+    g.release()                                                       # the pages come back on the next read
     np.testing.assert_array_equal(m.matmul(x), before)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import load_json
-from tinyllava.generate import generate, sample
+from tinyllava.decoding import Sampling, generate, sample
+from tinyllava.model import Chat, Llava
 
 
 @pytest.mark.parametrize("case", load_json("generation.json"), ids=lambda c: c["prompt"][:24])
@@ -14,7 +15,7 @@ def test_greedy_32_tokens_equal_the_reference(decoder, case):
     model, tok = decoder
     ids = tok.encode(tok.chat([{"role": "user", "content": case["prompt"]}]))
     assert ids == case["ids"]
-    new = list(generate(model, model.embed([ids]), 32, {tok.eos_id}))
+    new = list(generate(model, model.embed([ids]), Sampling(32), {tok.eos_id}))
     assert new == case["new"], tok.decode(new)
 
 
@@ -22,7 +23,7 @@ def test_greedy_equals_live_reference_on_other_prompts(decoder, reference):
     model, tok = decoder
     for prompt in ["What is a rainbow?", "Suggest a name for a dog."]:
         ids = tok.encode(tok.chat([{"role": "user", "content": prompt}]))
-        assert list(generate(model, model.embed([ids]), 24, {tok.eos_id})) == reference.greedy(ids, 24)
+        assert list(generate(model, model.embed([ids]), Sampling(24), {tok.eos_id})) == reference.greedy(ids, 24)
 
 
 def test_sampling():
@@ -37,6 +38,20 @@ def test_sampling():
     assert np.allclose(np.bincount(draws, minlength=3) / 4000, [0, 2 / 3, 1 / 3], atol=0.03)
     a = [sample(logits, 1.0, rng=np.random.default_rng(5)) for _ in range(3)]
     assert a == [sample(logits, 1.0, rng=np.random.default_rng(5)) for _ in range(3)]
+
+
+def test_chat_turns_reuse_the_cache_and_equal_the_whole_conversation(decoder):
+    """A second turn fed on top of the first turn's KV cache gives the answer that the whole conversation,
+    rendered by the chat template and run from scratch, gives; a turn cut short by -n is completed right."""
+    model, tok = decoder
+    llava = Llava(model, tok)
+    for n in (64, 5):  # 5: the first answer stops early, its last sampled token is fed with the next turn
+        chat = Chat(llava)
+        first = chat.ask("Name a colour.", Sampling(n))
+        second = chat.ask("And another one?", Sampling(12))
+        history = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first}]
+        assert second == llava.answer("And another one?", history=history, sampling=Sampling(12))
+        assert chat.text.startswith(tok.chat(history + [{"role": "user", "content": "And another one?"}]))
 
 
 def run_cli(*args):

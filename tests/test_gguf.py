@@ -63,7 +63,7 @@ def test_round_trip_every_value_type(tmp_path):
     assert np.array_equal(g.tensors["f16"].numpy(), x.astype(np.float16).astype(np.float32))
     assert g.tensors["q8"].type == GGMLType.Q8_0 and g.tensors["q8"].shape == (4, 64)
     for t in g.tensors.values():  # every tensor starts on the alignment
-        assert (t.data.ctypes.data - g._buf.ctypes.data) % 64 == 0
+        assert t.data.ctypes.data % 64 == 0  # the map starts on a page: offsets in the file are addresses
 
 
 def test_gguf_package_reads_what_we_write(tmp_path):

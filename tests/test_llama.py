@@ -5,7 +5,6 @@ We bound the error of each block's output by 1e-5 x that block's largest |activa
 activations of ~25,000 from block 11 on, so an absolute bound would be meaningless); measured: <= 2.3e-6.
 """
 import numpy as np
-import pytest
 
 from conftest import load_npz
 from make_reference import DECODER_PROMPT

@@ -12,7 +12,8 @@ import pytest
 from tinyllava.errors import TinyLlavaError
 from tinyllava.gguf import GGUFError
 from tinyllava.projector import Projector
-from tinyllava.train import AdamW, load_checkpoint, lr_at, parser, train
+from tinyllava.optim import AdamW, lr_at
+from tinyllava.train import TrainConfig, load_checkpoint, train
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -35,15 +36,14 @@ def test_adamw_matches_torch(reference):
     np.testing.assert_allclose(p["w"], tp.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def run_args(data, cache, out, model, *extra):
-    return parser().parse_args(["--data", str(data), "--cache", str(cache), "--out", str(out), "--model", str(model),
-                                "--batch", "4", "--steps", "8", "--checkpoint-every", "1", "--eval-every", "4",
-                                "--dev-images", "2", "--captions", "1", *extra])
+def run_args(data, cache, out, model, **extra):
+    return TrainConfig(**{**dict(data=data, cache=cache, out=out, model=model, batch=4, steps=8, checkpoint_every=1,
+                                 eval_every=4, dev_images=2, captions=1), **extra})
 
 
 def test_training_lowers_the_loss(synthetic_data, tiny_decoder, tmp_path):
     data, cache = synthetic_data
-    train(run_args(data, cache, tmp_path / "run", tiny_decoder, "--steps", "30", "--lr", "1e-2"), log=lambda s: None)
+    train(run_args(data, cache, tmp_path / "run", tiny_decoder, steps=30, lr=1e-2), log=lambda s: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 30 and [r["step"] for r in log] == list(range(30))
     assert np.mean([r["loss"] for r in log[-5:]]) < np.mean([r["loss"] for r in log[:5]]) - 0.3
@@ -101,7 +101,7 @@ def test_sigkill_at_random_points_then_resume_gives_identical_weights(synthetic_
 
 def test_corrupt_or_truncated_checkpoint_is_refused(synthetic_data, tiny_decoder, tmp_path):
     data, cache = synthetic_data
-    train(run_args(data, cache, tmp_path / "run", tiny_decoder, "--steps", "2"), log=lambda s: None)
+    train(run_args(data, cache, tmp_path / "run", tiny_decoder, steps=2), log=lambda s: None)
     ckpt = tmp_path / "run" / "checkpoint.gguf"
     raw = bytearray(ckpt.read_bytes())
     raw[-100] ^= 0x01  # one bit in the tensor data
@@ -109,7 +109,7 @@ def test_corrupt_or_truncated_checkpoint_is_refused(synthetic_data, tiny_decoder
     with pytest.raises(TinyLlavaError, match="checksum"):
         load_checkpoint(ckpt)
     with pytest.raises(TinyLlavaError, match="checksum"):
-        train(run_args(data, cache, tmp_path / "run", tiny_decoder, "--steps", "2"), log=lambda s: None)
+        train(run_args(data, cache, tmp_path / "run", tiny_decoder, steps=2), log=lambda s: None)
     ckpt.write_bytes(bytes(raw[: len(raw) // 2]))
     with pytest.raises(GGUFError, match="truncated|past the end"):
         load_checkpoint(ckpt)

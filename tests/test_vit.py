@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import load_npz
-from make_reference import VISION_TOKENS, synthetic_photo, vision_inputs
+from make_reference import VISION_TOKENS, synthetic_photo
 from tinyllava import onnx, weights
 from tinyllava.convert import onnx_matrices
 from tinyllava.gguf import GGUFFile
@@ -29,14 +29,20 @@ def rel_err(a, b):
 
 
 def reference_pixels(levels):  # the reference's normalized input, back from its saved 8-bit levels
-    from tinyllava.convert import CLIP_MEAN, CLIP_STD
+    from tinyllava.image import CLIP_MEAN, CLIP_STD
     return ((levels.astype(np.float32) / 255 - np.array(CLIP_MEAN, np.float32)[:, None, None])
             / np.array(CLIP_STD, np.float32)[:, None, None])
 
 
+def all_hidden_states(tower, pixels):  # as transformers numbers them: the input of block 0, then every block's output
+    hidden = [tower.embed(pixels)]
+    tower.forward(hidden[0], hidden_states=hidden)
+    return hidden
+
+
 def test_every_block_matches_saved_reference(tower):
     ref = load_npz("vision.npz")
-    hidden = tower.forward(reference_pixels(ref["levels"]))
+    hidden = all_hidden_states(tower, reference_pixels(ref["levels"]))
     assert len(hidden) == len(ref["hidden"]) == 13
     for i, (a, b) in enumerate(zip(hidden, ref["hidden"])):
         assert rel_err(a[:, VISION_TOKENS], b) < REL_TOL, f"hidden state {i}"
@@ -47,7 +53,7 @@ def test_llava_features_are_block_11_without_the_class_token(tower):
     x = preprocess(synthetic_photo(5))[None]
     f = tower.features(x)
     assert f.shape == (1, 196, 768)
-    np.testing.assert_array_equal(f, tower.forward(x)[-2][:, 1:])
+    np.testing.assert_array_equal(f, all_hidden_states(tower, x)[-2][:, 1:])
 
 
 def live_images():
@@ -61,7 +67,7 @@ def live_images():
 def test_every_block_matches_live_reference(tower, reference):
     x = np.stack([preprocess(im) for im in live_images()])
     hidden_ref, embeds_ref = reference.vision_activations(x)
-    for i, (a, b) in enumerate(zip(tower.forward(x), hidden_ref)):
+    for i, (a, b) in enumerate(zip(all_hidden_states(tower, x), hidden_ref)):
         assert rel_err(a, b) < REL_TOL, f"hidden state {i}"
     assert rel_err(tower.image_embeds(x), embeds_ref) < REL_TOL
 
@@ -86,7 +92,7 @@ def test_float64_agrees_to_1e_8(reference):
             out = model(pixel_values=torch.from_numpy(x), output_hidden_states=True)
     finally:
         model.float()
-    for i, (a, b) in enumerate(zip(tower.forward(x), out.hidden_states)):
+    for i, (a, b) in enumerate(zip(all_hidden_states(tower, x), out.hidden_states)):
         assert rel_err(a, b.numpy()) < 1e-8, f"hidden state {i}"
 
 

@@ -54,9 +54,9 @@ def median_time(fn, reps):  # run fn() reps times -> median seconds
 
 
 def prompt_ids(n):
-    from .generate import load_decoder
-    _, tok = load_decoder(load_matrix=lambda t: None)  # the tokenizer only: no matrix is read
-    return tok.encode(PROMPT)[:n]
+    from .tokenizer import Tokenizer
+    from .weights import decoder_path
+    return Tokenizer.load(decoder_path()).encode(PROMPT)[:n]
 
 
 def pixels():  # one preprocessed 224x224 image; the content does not change the work
@@ -80,16 +80,18 @@ def tinyllava_decode(model, cache, tok_id, n):  # n greedy steps after tok_id, a
 def run_tinyllava(args, fused):
     """The tinyllava engines: fused (quantized blocks, fused.QuantMatrix) or reference (float32 at load). In
     the order of a generate run with an image: load both models, encode the image, then the prompt, then
-    decode. The fused engine gives back the vision tower's pages after the image (fused.release)."""
+    decode. The fused engine gives back the vision tower's pages after the image (GGUFFile.release), and both
+    keep freed memory for reuse (fused.keep_freed_memory), as generate does."""
     import numpy as np
     memory = {"imports": rss_mb()}
     from . import fused as fused_mod
-    from .generate import load_decoder
+    from .model import load_decoder
     from .vit import VisionTower
     from .weights import decoder_path, vision_path
     load_matrix = fused_mod.QuantMatrix.from_tensor if fused else None
     paths = decoder_path(), vision_path()  # verified (sha256) before the clock starts
     ids = args.ids
+    fused_mod.keep_freed_memory()
 
     t0 = time.perf_counter()
     model, tok = load_decoder(paths[0], load_matrix=load_matrix)
@@ -109,7 +111,7 @@ def run_tinyllava(args, fused):
     vision = median_time(lambda: tower.features(px), args.reps)
     memory["image encoded"] = rss_mb()
     if fused:
-        fused_mod.release(tower.gguf)
+        tower.gguf.release()
         memory["vision pages released"] = rss_mb()
     prefill()  # warm
     prefill_s = median_time(prefill, args.reps)
@@ -174,46 +176,16 @@ def run_llama_cpp(args):
             "vision_s": vision, "peak_rss_mb": rss_mb("VmHWM"), "extra_bufts": not args.no_extra_bufts}
 
 
-def torch_vision_tower(path, n_layers):
-    """transformers' CLIPVisionModel with the weights of tinyllava's CLIP GGUF (dequantized by tinyllava, the
-    same float32 numbers as tests/reference_impl.py gets from the gguf package), the first n_layers blocks."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    from .gguf import GGUFFile
-    g = GGUFFile(path)
-    t = lambda name: torch.from_numpy(g.tensor(name).numpy())  # noqa: E731
-    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=n_layers,
-                           num_attention_heads=12, image_size=224, patch_size=16, hidden_act="quick_gelu",
-                           layer_norm_eps=1e-5)
-    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "ln1": "layer_norm1",
-             "ln2": "layer_norm2"}
-    sd = {"vision_model.embeddings.patch_embedding.weight": t("v.patch_embd.weight"),
-          "vision_model.embeddings.class_embedding": t("v.class_embd"),
-          "vision_model.embeddings.position_embedding.weight": t("v.position_embd.weight"),
-          "vision_model.pre_layrnorm.weight": t("v.pre_ln.weight"), "vision_model.pre_layrnorm.bias": t("v.pre_ln.bias"),
-          "vision_model.post_layernorm.weight": t("v.post_ln.weight"),
-          "vision_model.post_layernorm.bias": t("v.post_ln.bias")}
-    for i in range(n_layers):
-        for ours, theirs in names.items():
-            for kind in ("weight", "bias"):
-                sd[f"vision_model.encoder.layers.{i}.{theirs}.{kind}"] = t(f"v.blk.{i}.{ours}.{kind}")
-    model = CLIPVisionModel(cfg)
-    if not hasattr(model, "vision_model"):  # transformers 5: CLIPVisionModel is the vision transformer itself
-        sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all("position_ids" in m for m in missing), (missing, unexpected)
-    return model.eval()
-
-
 def run_torch(args):
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .gguf import GGUFFile
+    from .reference import clip_vision_model, llama_causal_lm
     from .weights import decoder_path, vision_path
     torch.set_num_threads(args.threads)
     path, ids = decoder_path(), torch.tensor([args.ids])
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = llama_causal_lm(path)
 
     def prefill():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -223,7 +195,8 @@ def run_torch(args):
         if args.ttft:
             first = prefill()[0]
             return {"ttft_s": time.perf_counter() - t0, "first_token": first}
-        tower = torch_vision_tower(vision_path(), n_layers=11)  # LLaVA's feature: block 11's output
+        g = GGUFFile(vision_path())
+        tower = clip_vision_model(lambda name: g.tensor(name).numpy(), n_layers=11)  # LLaVA's feature: block 11
         px = torch.from_numpy(pixels())
         tower(pixel_values=px)
         vision = median_time(lambda: tower(pixel_values=px), args.reps)
@@ -251,9 +224,10 @@ def run_profile(args):
     import pstats
     import numpy as np
     from . import fused
-    from .generate import load_decoder
+    from .model import load_decoder
     from .vit import VisionTower
     from .weights import decoder_path, vision_path
+    fused.keep_freed_memory()
     model, _ = load_decoder(decoder_path(), load_matrix=fused.QuantMatrix.from_tensor)
     tower = VisionTower.load(vision_path(), load_matrix=fused.QuantMatrix.from_tensor)
     px, ids = pixels(), args.ids

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 CAPTIONS = ["A brown dog runs through the tall green grass.", "A dog is running in a field.",
             "A puppy plays outside on a sunny day.", "The dog jumps over the grass near some trees.",
@@ -30,8 +29,7 @@ def median_seconds(fn, reps):
 def run_tinyllava(reps):
     import numpy as np
 
-    from .generate import load_decoder
-    from .model import pack
+    from .model import load_decoder, pack
     from .projector import Projector
     dec, tok = load_decoder()
     proj = Projector.init("mlp2x_gelu")
@@ -41,14 +39,14 @@ def run_tinyllava(reps):
     def one():  # [image | caption 1]: one sample
         prefix = proj.forward(feats)
         x = np.concatenate([prefix, dec.embed(caps[0][:-1])])[None]
-        _, dx = dec.loss_and_grad(x, np.arange(195, x.shape[1]), np.array(caps[0]))
+        _, dx, _ = dec.loss_and_grad(x, np.arange(195, x.shape[1]), np.array(caps[0]))
         proj.backward(dx[0, :196], feats)
 
     def packed():  # [image | 5 captions]: five samples
         prefix = proj.forward(feats)
         ids, pos, mask, at, targets = pack(prefix, caps)
         x = np.concatenate([prefix, dec.embed(ids[196:])])[None]
-        _, dx = dec.loss_and_grad(x, at, targets, pos, mask)
+        _, dx, _ = dec.loss_and_grad(x, at, targets, pos, mask)
         proj.backward(dx[0, :196], feats)
 
     return {"samples_s": 1 / median_seconds(one, reps), "packed_samples_s": 5 / median_seconds(packed, reps)}
@@ -56,14 +54,13 @@ def run_tinyllava(reps):
 
 def run_torch(reps, threads):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from .generate import load_decoder
+    from .reference import llama_causal_lm
+    from .tokenizer import Tokenizer
     from .weights import decoder_path
     torch.set_num_threads(threads)
-    _, tok = load_decoder(load_matrix=lambda t: None)  # the tokenizer only
-    path = decoder_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = Tokenizer.load(decoder_path())
+    model = llama_causal_lm(decoder_path())
     model.requires_grad_(False)
     proj = torch.nn.Sequential(torch.nn.Linear(768, 576), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(576, 576))
     feats = torch.randn(196, 768)

@@ -18,10 +18,9 @@ import numpy as np
 from . import onnx
 from .errors import TinyLlavaError
 from .gguf import GGUFTensor, write_gguf
+from .image import CLIP_MEAN, CLIP_STD
 from .quant import Q8_0, GGMLType
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # ONNX layer path -> GGUF name
 MATRIX_NAMES = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
                 "self_attn/out_proj": "attn_out", "mlp/fc1": "ffn_up", "mlp/fc2": "ffn_down"}

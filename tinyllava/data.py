@@ -170,12 +170,12 @@ def make_synthetic(out, n=200, seed=0, dev_fraction=0.2):
 
 # -- the feature cache -----------------------------------------------------------------------------------
 class FeatureCache:
-    """LLaVA image features [196, 768] of a list of images, float16 in a memory-mapped .npy, computed once.
+    """LLaVA image features [n_patches, d] of a list of images, float16 in a memory-mapped .npy, computed once.
 
     Filled in chunks: a chunk's rows are flushed to disk before they are marked done, so a killed run loses at
     most one chunk and resumes where it stopped."""
 
-    def __init__(self, folder, images, tower_id, pad=True, shape=(196, 768)):
+    def __init__(self, folder, images, tower_id, pad, shape):  # shape: one image's features, (n_patches, d)
         self.folder, self.images = Path(folder), [str(p) for p in images]
         self.folder.mkdir(parents=True, exist_ok=True)
         index = {"images": self.images, "tower": tower_id, "pad": pad, "shape": list(shape)}
@@ -196,22 +196,26 @@ class FeatureCache:
             tmp.write_text(json.dumps(index))
             os.replace(tmp, index_path)  # written last: an index means the files beside it are complete
         self.pad = pad
-        self.features = np.load(feat_path, mmap_mode="r+")      # [N, 196, 768] float16
+        self.features = np.load(feat_path, mmap_mode="r+")      # [N, n_patches, d] float16
         self.done = np.load(done_path, allow_pickle=False)       # [N] bool
         self._done_path = done_path
 
     @classmethod
     def for_examples(cls, examples, tower_path, pad=True, cache=None):
         """The cache for these images and this vision tower: a folder named by a hash of both."""
+        from .gguf import GGUFFile
+        from .vit import ClipConfig
         from .weights import sha256_file
+        cfg = ClipConfig.from_gguf(GGUFFile(tower_path))
         tower_id = sha256_file(tower_path)
         key = hashlib.sha256(json.dumps([tower_id, pad, [str(e.image) for e in examples]]).encode()).hexdigest()
-        return cls(Path(cache or CACHE_DIR / "features") / key[:16], [e.image for e in examples], tower_id, pad)
+        return cls(Path(cache or CACHE_DIR / "features") / key[:16], [e.image for e in examples], tower_id, pad,
+                   shape=(cfg.n_patches, cfg.dim))
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):  # -> [196, 768] float32
+    def __getitem__(self, i):  # -> [n_patches, d] float32
         if not self.done[i]:
             raise TinyLlavaError(f"feature cache {self.folder}: image {i} not computed yet")
         return self.features[i].astype(np.float32)

@@ -17,7 +17,9 @@ import sys
 import numpy as np
 
 from .errors import TinyLlavaError, cli_errors
-from .llama import KVCache, linear, rms_norm
+from .llama import KVCache
+from .model import caption_ids
+from .ops import log_softmax
 
 
 def caption_logprobs(decoder, prefix, captions):
@@ -38,15 +40,9 @@ def caption_logprobs(decoder, prefix, captions):
     out = np.array([first[c[0]] for c in captions], np.float64)
     for j, c in enumerate(captions):
         if len(c) > 1:
-            n = rms_norm(h[j, :len(c) - 1], decoder.norm, cfg.norm_eps)           # [len-1, d]
-            lp = log_softmax(linear(n, decoder.embedding))                        # [len-1, vocab]
+            lp = log_softmax(decoder.logits(h[j, :len(c) - 1]))                   # [len-1, vocab]
             out[j] += lp[np.arange(len(c) - 1), c[1:]].sum()
     return out, np.array([len(c) for c in captions])
-
-
-def log_softmax(z):  # [..., n] -> [..., n] in float64
-    z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def retrieval(logp, logp_none):
@@ -65,8 +61,7 @@ def evaluate(llava, features, captions, n_generate=5, images=None, progress=True
     """features: [K, 196, 768] of K images; captions: their reference captions (caption i of image i)."""
     from tqdm import tqdm
 
-    from .generate import generate
-    from .train import caption_ids
+    from .decoding import Sampling
     tok, dec = llava.tok, llava.decoder
     ids = caption_ids(tok, captions)
     K = len(ids)
@@ -82,10 +77,8 @@ def evaluate(llava, features, captions, n_generate=5, images=None, progress=True
               "loss_shuffled": float(-shuffled.sum() / tokens.sum()),
               "loss_none": float(-none.sum() / tokens.sum()), "samples": []}
     for i in range(min(n_generate, K)):
-        prefix = llava.projector.forward(features[i])[None]
-        out = [t for t in generate(dec, prefix, 40, {tok.eos_id}) if t != tok.eos_id]
-        result["samples"].append({"image": str(images[i]) if images is not None else i,
-                                  "reference": captions[i], "generated": tok.decode(out)})
+        result["samples"].append({"image": str(images[i]) if images is not None else i, "reference": captions[i],
+                                  "generated": llava.caption(llava.projector.forward(features[i]), Sampling(40))})
     return result
 
 

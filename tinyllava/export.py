@@ -14,8 +14,8 @@ What llama.cpp (as vendored in llama-cpp-python 0.3.36) computes, and how this f
   one of 196 image tokens differs (measured in tests/check_llamacpp.py). `--cls drop` writes no class token
   instead: the order is right but the encoder runs without it, so every token moves a little.
 - the projector: llama.cpp's "mlp" type is mm.0 -> GELU (tanh approximation) -> mm.2, which is tinyllava's
-  mlp2x_gelu. A linear projector (LLaVA v1) becomes mm.0 = [W; b + C], mm.2 = [I; -C] with C = 64: ggml's GELU
-  returns x itself for x >= 10, so GELU(Wx + b + C) - C = Wx + b while every Wx + b > -54.
+  mlp2x_gelu; each projector kind says how it is written as one (projector.KINDS: a linear one passes through
+  the GELU where it is the identity).
 """
 import argparse
 import sys
@@ -24,20 +24,8 @@ import numpy as np
 
 from .errors import TinyLlavaError, cli_errors
 from .gguf import GGUFFile, ValueType, write_gguf
-from .projector import Projector
+from .projector import KINDS, Projector
 from .quant import GGMLType
-
-LINEAR_SHIFT = 64.0
-
-
-def mlp_tensors(proj):
-    """A projector as llama.cpp's mlp projector: mm.0.*, mm.2.* (a linear one through the GELU identity)."""
-    p = proj.params
-    if proj.kind == "mlp2x_gelu":
-        return {"mm.0.weight": p["w0"], "mm.0.bias": p["b0"], "mm.2.weight": p["w2"], "mm.2.bias": p["b2"]}
-    d = p["w0"].shape[0]
-    return {"mm.0.weight": p["w0"], "mm.0.bias": p["b0"] + np.float32(LINEAR_SHIFT),
-            "mm.2.weight": np.eye(d, dtype=np.float32), "mm.2.bias": np.full(d, -LINEAR_SHIFT, np.float32)}
 
 
 def export_mmproj(out, tower_path, proj, qtype=GGMLType.Q8_0, cls="reorder"):
@@ -66,7 +54,7 @@ def export_mmproj(out, tower_path, proj, qtype=GGMLType.Q8_0, cls="reorder"):
     if proj.d_in != g.require("clip.vision.embedding_length"):
         raise TinyLlavaError(f"the projector takes {proj.d_in}-wide features, the vision tower in {tower_path} "
                              f"makes {g.require('clip.vision.embedding_length')}")
-    for name, x in mlp_tensors(proj).items():  # small: kept float32, so llama.cpp computes what tinyllava does
+    for name, x in KINDS[proj.kind].llama_cpp(proj.params).items():  # small: kept float32, so llama.cpp computes what tinyllava does
         tensors[name] = np.ascontiguousarray(x, np.float32)
     meta = {k: v for k, v in g.metadata.items() if k.startswith("clip.") or k == "general.architecture"}
     types = {k: g.types[k] for k in meta}

@@ -18,17 +18,20 @@ weights it needs:
         a handful, sgemm is much faster than any loop here.
 
 Engines: with numba installed (`pip install -e ".[fast]"`), the loops below are compiled to machine code
-(parallel over output rows, cached on disk: ~9 s to compile the first time, then ~0.4 s per process to
-load, plus ~0.35 s to import numba).
-Without numba (or with `fused.ENGINE = "numpy"`, or TINYLLAVA_NO_NUMBA=1) every product goes through the
-dequantized tiles and NumPy: the same numbers up to float32 rounding and the same memory, but decoding
-dequantizes every matrix for every token (~0.7 s per token, 40x slower than the reference path).
+(parallel over output rows, cached on disk after the first compilation). Without numba (or with
+`fused.ENGINE = "numpy"`, or TINYLLAVA_NO_NUMBA=1) every product goes through the dequantized tiles and NumPy:
+the same numbers up to float32 rounding and the same memory, but decoding dequantizes every matrix for every
+token, far slower than the float32 reference path. The README's "Speed and memory" has the measurements
+behind each choice here.
+
+A block layout is read from quant.py's structured dtypes (its size, where d, m and the quants sit), so a
+kernel below names fields, not byte offsets. To add a format: its dtype in quant.py (see there), a `dot4_*`
+and a branch of `dequantize_rows` here, and its kernel id in KERNELS.
 
     from tinyllava import fused
     model = Llama.load(path, load_matrix=fused.QuantMatrix.from_tensor)   # or fused.load_decoder()
 """
 import ctypes
-import mmap
 import os
 import threading
 
@@ -38,25 +41,34 @@ from . import quant
 from .errors import TinyLlavaError
 from .quant import GGMLType
 
-# (weights per block, bytes per block) of the types computed here without dequantizing the whole matrix
-BLOCK = {GGMLType.Q8_0: (32, 34), GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 20)}
-KIND = {GGMLType.Q8_0: 0, GGMLType.Q4_0: 1, GGMLType.Q4_1: 2}  # the kernels' switch
+KERNELS = {GGMLType.Q8_0: 0, GGMLType.Q4_0: 1, GGMLType.Q4_1: 2}  # the types computed here, and each one's id
+K_Q8_0, K_Q4_0, K_Q4_1 = (KERNELS[t] for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1))
+
+
+def offset(dtype, field):  # where a field of a block starts, in bytes
+    return dtype.fields[field][1]
+
+
+# block layouts, from quant.py's dtypes (numba freezes these module constants into the compiled loops)
+Q8_0_BYTES, Q8_0_D, Q8_0_QS = quant.Q8_0.itemsize, offset(quant.Q8_0, "d"), offset(quant.Q8_0, "qs")
+Q4_0_BYTES, Q4_0_D, Q4_0_QS = quant.Q4_0.itemsize, offset(quant.Q4_0, "d"), offset(quant.Q4_0, "qs")
+Q4_1_BYTES, Q4_1_D, Q4_1_M, Q4_1_QS = (quant.Q4_1.itemsize, offset(quant.Q4_1, "d"), offset(quant.Q4_1, "m"),
+                                       offset(quant.Q4_1, "qs"))
+QK = quant.BLOCK_SIZE[GGMLType.Q8_0][0]  # weights per block: 32 for all three
+
 MATVEC_MAX_ROWS = 8     # up to this many rows of x, the fused loop; above, dequantized tiles and sgemm
 TILE_BYTES = 4 << 20    # float32 bytes of one dequantized tile: bounds the extra memory of a product
-AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop (measured: 4-8 kB are as good)
-PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starting the threads costs ~10 us)
-
-# numba's OpenMP threads spin a while between parallel loops, as OpenMP does by default: keep it. Decoding runs
-# ~200 short loops per token, and waking sleeping threads for each is slow: measured on 2 idle cores, 49 tokens/s
-# by default, 3.9 with OMP_WAIT_POLICY=passive. (On a busy machine spinning threads lose their cores: use fewer.)
+AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop
+PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starting the threads costs more)
+# numba's OpenMP threads spin a while between parallel loops, as OpenMP does by default, and that is kept:
+# decoding runs ~200 short loops per token, and waking sleeping threads for each is slow.
 
 
 def keep_freed_memory():
-    """NumPy's temporaries in a forward pass (1-3 MB each) are above glibc's initial mmap threshold (128 kB), so
-    each one is a fresh mmap that page-faults on every touch and is unmapped when freed: 40,000 page faults per
-    image in the vision tower (+25% time). The reference path escapes by accident: freeing its big load-time
-    temporaries raises glibc's threshold. Here it is raised on purpose: blocks up to 32 MB come from the heap,
-    and up to 64 MB of freed heap are kept for the next ones (Linux/glibc; elsewhere nothing happens)."""
+    """Raise glibc's mmap threshold so that NumPy's temporaries (1-3 MB each in a forward pass) come from the
+    heap and are reused, instead of each being a fresh mmap that page-faults on every touch and is unmapped when
+    freed. Blocks up to 32 MB come from the heap; up to 64 MB of freed heap are kept (Linux/glibc; elsewhere
+    nothing happens). A process-wide setting: the command-line tools call it, importing this module does not."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
@@ -65,7 +77,6 @@ def keep_freed_memory():
         pass
 
 
-keep_freed_memory()
 try:  # numba compiles the loops below; without it they stay Python and only the NumPy path is used
     import numba
 except ImportError:
@@ -86,7 +97,7 @@ prange = numba.prange if numba else range
 # -- the loops: plain Python that numba compiles (never run uncompiled: far too slow) ------------------------
 @jit(inline="always")
 def f32(i):  # a small integer -> float32, through int32: numba computes integers in int64, and converting int64
-    return np.float32(np.int32(i))  # to float is half as fast as int32 in the vector units
+    return np.float32(np.int32(i))  # to float is slower than int32 in the vector units
 
 
 if numba:
@@ -97,7 +108,7 @@ if numba:
     @intrinsic
     def f16(typingctx, b, o):  # the little-endian float16 at bytes b[o], b[o + 1] -> float32
         """Load the two bytes as a float16 and widen it: one instruction (vcvtph2ps) on x86 since 2012. numba has
-        no float16 type, and the same conversion done with shifts and masks makes decoding ~10% slower."""
+        no float16 type, and the same conversion done with shifts and masks is slower."""
         def codegen(context, builder, sig, args):
             data = context.make_array(sig.args[0])(context, builder, args[0]).data
             h = builder.load(builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(16).as_pointer()), align=1)
@@ -119,8 +130,7 @@ if numba:
 @jit(inline="always")
 def prefetch_ahead(flat, start, n):  # prefetch bytes start..start+n (n <= 192) of the flat matrix, if there
     """The hardware prefetcher alone leaves the loop below waiting for memory: the matrix is read once per
-    token, from RAM, in four interleaved streams. Asking for the bytes AHEAD further on cuts the time of all
-    the decoder's products from 25.5 to 17.8 ms per token (one thread). (A loop over the lines is slower.)"""
+    token, from RAM, in four interleaved streams. So the loop asks for the bytes AHEAD further on itself."""
     last = flat.shape[0] - 1
     prefetch(flat, min(start, last))
     prefetch(flat, min(start + 64, last))
@@ -137,20 +147,21 @@ def dot4_q8_0(w, flat, r, x, xsum, half):  # w [n_out, row bytes] uint8, rows r.
     w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
     ahead = r * w.shape[1] + AHEAD
     a0 = a1 = a2 = a3 = np.float32(0)
-    for b in range(x.shape[0] // 32):
-        o, xb = 34 * b, x[32 * b:32 * b + 32]                 # a block: 2-byte scale d, then 32 int8 weights
-        prefetch_ahead(flat, ahead + 136 * b, 136)           # the four rows' blocks b, further on
-        b0, b1, b2, b3 = w0[o:o + 34], w1[o:o + 34], w2[o:o + 34], w3[o:o + 34]
+    for b in range(x.shape[0] // QK):
+        o, xb = Q8_0_BYTES * b, x[QK * b:QK * b + QK]        # a block: scale d (float16), 32 int8 weights
+        prefetch_ahead(flat, ahead + 4 * Q8_0_BYTES * b, 4 * Q8_0_BYTES)  # the four rows' blocks b, further on
+        e = o + Q8_0_BYTES
+        b0, b1, b2, b3 = w0[o:e], w1[o:e], w2[o:e], w3[o:e]
         s0 = s1 = s2 = s3 = np.float32(0)
         for j in range(2 * half):
-            s0 += f32(np.int8(b0[2 + j])) * xb[j]
-            s1 += f32(np.int8(b1[2 + j])) * xb[j]
-            s2 += f32(np.int8(b2[2 + j])) * xb[j]
-            s3 += f32(np.int8(b3[2 + j])) * xb[j]
-        a0 += f16(b0, 0) * s0
-        a1 += f16(b1, 0) * s1
-        a2 += f16(b2, 0) * s2
-        a3 += f16(b3, 0) * s3
+            s0 += f32(np.int8(b0[Q8_0_QS + j])) * xb[j]
+            s1 += f32(np.int8(b1[Q8_0_QS + j])) * xb[j]
+            s2 += f32(np.int8(b2[Q8_0_QS + j])) * xb[j]
+            s3 += f32(np.int8(b3[Q8_0_QS + j])) * xb[j]
+        a0 += f16(b0, Q8_0_D) * s0
+        a1 += f16(b1, Q8_0_D) * s1
+        a2 += f16(b2, Q8_0_D) * s2
+        a3 += f16(b3, Q8_0_D) * s3
     return a0, a1, a2, a3
 
 
@@ -159,22 +170,23 @@ def dot4_q4_0(w, flat, r, x, xsum, half):  # weight = d * (q - 8)
     w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
     ahead = r * w.shape[1] + AHEAD
     a0 = a1 = a2 = a3 = np.float32(0)
-    for b in range(x.shape[0] // 32):
-        o, xb = 18 * b, x[32 * b:32 * b + 32]                 # a block: d, then 16 bytes of two 4-bit weights
-        prefetch_ahead(flat, ahead + 72 * b, 72)           # the four rows' blocks b, further on
-        b0, b1, b2, b3 = w0[o:o + 18], w1[o:o + 18], w2[o:o + 18], w3[o:o + 18]
+    for b in range(x.shape[0] // QK):
+        o, xb = Q4_0_BYTES * b, x[QK * b:QK * b + QK]        # a block: d, then 16 bytes of two 4-bit weights
+        prefetch_ahead(flat, ahead + 4 * Q4_0_BYTES * b, 4 * Q4_0_BYTES)  # the four rows' blocks b, further on
+        e = o + Q4_0_BYTES
+        b0, b1, b2, b3 = w0[o:e], w1[o:e], w2[o:e], w3[o:e]
         s0 = s1 = s2 = s3 = np.float32(0)
         for j in range(half):                                  # byte j: weight j (low nibble), j + 16 (high)
             lo, hi = xb[j], xb[half + j]
-            q = np.int32(b0[2 + j]); s0 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
-            q = np.int32(b1[2 + j]); s1 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
-            q = np.int32(b2[2 + j]); s2 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
-            q = np.int32(b3[2 + j]); s3 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b0[Q4_0_QS + j]); s0 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b1[Q4_0_QS + j]); s1 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b2[Q4_0_QS + j]); s2 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b3[Q4_0_QS + j]); s3 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
         xs8 = np.float32(8) * xsum[b]                          # the -8 of every weight: d * 8 * sum(x[b])
-        a0 += f16(b0, 0) * (s0 - xs8)
-        a1 += f16(b1, 0) * (s1 - xs8)
-        a2 += f16(b2, 0) * (s2 - xs8)
-        a3 += f16(b3, 0) * (s3 - xs8)
+        a0 += f16(b0, Q4_0_D) * (s0 - xs8)
+        a1 += f16(b1, Q4_0_D) * (s1 - xs8)
+        a2 += f16(b2, Q4_0_D) * (s2 - xs8)
+        a3 += f16(b3, Q4_0_D) * (s3 - xs8)
     return a0, a1, a2, a3
 
 
@@ -183,22 +195,23 @@ def dot4_q4_1(w, flat, r, x, xsum, half):  # weight = d * q + m
     w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
     ahead = r * w.shape[1] + AHEAD
     a0 = a1 = a2 = a3 = np.float32(0)
-    for b in range(x.shape[0] // 32):
-        o, xb = 20 * b, x[32 * b:32 * b + 32]                 # a block: d, m, then 16 bytes of 4-bit weights
-        prefetch_ahead(flat, ahead + 80 * b, 80)           # the four rows' blocks b, further on
-        b0, b1, b2, b3 = w0[o:o + 20], w1[o:o + 20], w2[o:o + 20], w3[o:o + 20]
+    for b in range(x.shape[0] // QK):
+        o, xb = Q4_1_BYTES * b, x[QK * b:QK * b + QK]        # a block: d, m, then 16 bytes of 4-bit weights
+        prefetch_ahead(flat, ahead + 4 * Q4_1_BYTES * b, 4 * Q4_1_BYTES)  # the four rows' blocks b, further on
+        e = o + Q4_1_BYTES
+        b0, b1, b2, b3 = w0[o:e], w1[o:e], w2[o:e], w3[o:e]
         s0 = s1 = s2 = s3 = np.float32(0)
         for j in range(half):
             lo, hi = xb[j], xb[half + j]
-            q = np.int32(b0[4 + j]); s0 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
-            q = np.int32(b1[4 + j]); s1 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
-            q = np.int32(b2[4 + j]); s2 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
-            q = np.int32(b3[4 + j]); s3 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b0[Q4_1_QS + j]); s0 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b1[Q4_1_QS + j]); s1 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b2[Q4_1_QS + j]); s2 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
+            q = np.int32(b3[Q4_1_QS + j]); s3 += f32(q & 15) * lo + f32(q >> 4) * hi  # noqa: E702
         xs = xsum[b]                                           # m * sum(x[b]): the minimum, once per block
-        a0 += f16(b0, 0) * s0 + f16(b0, 2) * xs
-        a1 += f16(b1, 0) * s1 + f16(b1, 2) * xs
-        a2 += f16(b2, 0) * s2 + f16(b2, 2) * xs
-        a3 += f16(b3, 0) * s3 + f16(b3, 2) * xs
+        a0 += f16(b0, Q4_1_D) * s0 + f16(b0, Q4_1_M) * xs
+        a1 += f16(b1, Q4_1_D) * s1 + f16(b1, Q4_1_M) * xs
+        a2 += f16(b2, Q4_1_D) * s2 + f16(b2, Q4_1_M) * xs
+        a3 += f16(b3, Q4_1_D) * s3 + f16(b3, Q4_1_M) * xs
     return a0, a1, a2, a3
 
 
@@ -206,9 +219,9 @@ def dot4_q4_1(w, flat, r, x, xsum, half):  # weight = d * q + m
 def matvec_group(w, flat, x, xsum, y, g, kind, half):  # rows 4g..4g+3 of y = x @ W.T, for every row of x
     r = min(4 * g, w.shape[0] - 4)                             # the last group may overlap the one before
     for i in range(x.shape[0]):
-        if kind == 2:
+        if kind == K_Q4_1:
             a = dot4_q4_1(w, flat, r, x[i], xsum[i], half)
-        elif kind == 1:
+        elif kind == K_Q4_0:
             a = dot4_q4_0(w, flat, r, x[i], xsum[i], half)
         else:
             a = dot4_q8_0(w, flat, r, x[i], xsum[i], half)
@@ -217,10 +230,10 @@ def matvec_group(w, flat, x, xsum, y, g, kind, half):  # rows 4g..4g+3 of y = x 
 
 @jit(inline="always", fastmath=True)
 def block_sums(x):  # [M, n_in] -> [M, n_in / 32]: the sum of each block of x (for Q4_0 and Q4_1)
-    xsum = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    xsum = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
     for i in range(x.shape[0]):
-        for b in range(x.shape[1] // 32):
-            xsum[i, b] = x[i, 32 * b:32 * b + 32].sum()
+        for b in range(x.shape[1] // QK):
+            xsum[i, b] = x[i, QK * b:QK * b + QK].sum()
     return xsum
 
 
@@ -232,8 +245,8 @@ def matvec(w, x, y, kind, half):  # w [n_out, row bytes] uint8, x [M, n_in], y [
 
 
 @jit(fastmath=True)
-def matvec_1thread(w, x, y, kind, half):  # the same, without numba's thread pool: with one thread, its
-    xsum, flat = block_sums(x), w.reshape(-1)  # start and finish cost ~15 us per call, 10% of decoding
+def matvec_1thread(w, x, y, kind, half):  # the same, without numba's thread pool (one thread: its start
+    xsum, flat = block_sums(x), w.reshape(-1)  # and finish would cost more than a small product)
     for g in range((w.shape[0] + 3) // 4):
         matvec_group(w, flat, x, xsum, y, g, kind, half)
 
@@ -241,24 +254,25 @@ def matvec_1thread(w, x, y, kind, half):  # the same, without numba's thread poo
 @jit()
 def dequantize_rows(w, out, kind, half):  # w [n, row bytes] uint8 -> out [n, n_in] float32
     """The same float32 numbers as quant.dequantize, bit for bit (the products and sums round the same way).
-    On one thread: it is ~10% of a prefill (one thread), and splitting it would hand the cores back and forth
-    between numba's threads and OpenBLAS's (sgemm comes next) for at most that gain."""
-    bb = w.shape[1] * 32 // out.shape[1]
+    On one thread: splitting it would hand the cores back and forth between numba's threads and OpenBLAS's
+    (sgemm comes next) for a small part of a prefill."""
+    bb = w.shape[1] * QK // out.shape[1]
     for r in range(w.shape[0]):
-        for b in range(out.shape[1] // 32):
-            blk, o = w[r, b * bb:b * bb + bb], out[r, 32 * b:32 * b + 32]
-            d = f16(blk, 0)
-            if kind == 0:
+        for b in range(out.shape[1] // QK):
+            blk, o = w[r, b * bb:b * bb + bb], out[r, QK * b:QK * b + QK]
+            if kind == K_Q8_0:
+                d = f16(blk, Q8_0_D)
                 for j in range(2 * half):
-                    o[j] = d * np.float32(np.int8(blk[2 + j]))
-            elif kind == 1:
+                    o[j] = d * np.float32(np.int8(blk[Q8_0_QS + j]))
+            elif kind == K_Q4_0:
+                d = f16(blk, Q4_0_D)
                 for j in range(half):
-                    q = np.int32(blk[2 + j])
+                    q = np.int32(blk[Q4_0_QS + j])
                     o[j], o[half + j] = d * np.float32((q & 15) - 8), d * np.float32((q >> 4) - 8)
             else:
-                m = f16(blk, 2)
+                d, m = f16(blk, Q4_1_D), f16(blk, Q4_1_M)
                 for j in range(half):
-                    q = np.int32(blk[4 + j])
+                    q = np.int32(blk[Q4_1_QS + j])
                     o[j], o[half + j] = d * np.float32(q & 15) + m, d * np.float32(q >> 4) + m
 
 
@@ -271,10 +285,10 @@ class QuantMatrix:
 
     def __init__(self, w, qtype, shape):
         qtype = GGMLType(qtype)
-        if qtype not in BLOCK:
-            raise TinyLlavaError(f"the fused matmul supports {', '.join(t.name for t in BLOCK)}, not {qtype.name}")
+        if qtype not in KERNELS:
+            raise TinyLlavaError(f"the fused matmul supports {', '.join(t.name for t in KERNELS)}, not {qtype.name}")
         n_out, n_in = shape
-        if n_in % 32 or w.shape != (n_out, n_in // 32 * BLOCK[qtype][1]) or w.dtype != np.uint8:
+        if n_in % QK or w.shape != (n_out, quant.nbytes(qtype, (n_in,))) or w.dtype != np.uint8:
             raise TinyLlavaError(f"{qtype.name} {tuple(shape)}: blocks of shape {w.shape} {w.dtype} do not fit")
         w = w.view()
         w.flags.writeable = False  # read-only like the file's pages (and one compiled signature for all)
@@ -284,7 +298,7 @@ class QuantMatrix:
     def from_tensor(cls, t):  # gguf.GGUFTensor -> QuantMatrix, or a float32 array for unquantized types
         """Use as `Llama.load(path, load_matrix=QuantMatrix.from_tensor)`. F32/F16/BF16 and the types without a
         fused loop here (Q4_K, Q6_K) become plain float32 arrays, as on the reference path."""
-        if t.type not in BLOCK or len(t.shape) != 2:
+        if t.type not in KERNELS or len(t.shape) != 2:
             return t.numpy()
         return cls(t.data.reshape(t.shape[0], -1), t.type, t.shape)
 
@@ -307,7 +321,7 @@ class QuantMatrix:
         if ENGINE == "numpy":
             out[...] = quant.dequantize(w, self.type, out.shape)
         else:
-            dequantize_rows(w, out, KIND[self.type], 16)
+            dequantize_rows(w, out, KERNELS[self.type], QK // 2)
         return out
 
     def tiles(self):  # -> (first row, float32 [rows, n_in]) for tiles of TILE_BYTES, in one reused buffer
@@ -333,7 +347,7 @@ class QuantMatrix:
         if ENGINE == "numba" and dtype == np.float32 and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
             y = np.empty((x2.shape[0], self.shape[0]), dtype)                           # [M, n_out]
             parallel = numba.config.NUMBA_NUM_THREADS > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
-            (matvec if parallel else matvec_1thread)(self.w, x2, y, KIND[self.type], 16)
+            (matvec if parallel else matvec_1thread)(self.w, x2, y, KERNELS[self.type], QK // 2)
         else:  # many rows: a tile of W at a time in float32, times all of x by BLAS (sgemm)
             y = None
             for r, tile in self.tiles():
@@ -362,19 +376,10 @@ def scratch(n):  # a float32 buffer of n numbers, this thread's, reused by every
     return _local.buf[:n]
 
 
-# -- loading and unloading ---------------------------------------------------------------------------------
-def release(gguf_file):
-    """Give back the RAM of the pages of a memory-mapped GGUF that were read; the file stays mapped, and a page
-    read again comes back from the OS's page cache (no disk read). For the vision tower after it has seen the
-    image: its 90 MB are not needed again until the next image, and the decoder's 98 MB come in next."""
-    mm = getattr(gguf_file._buf, "_mmap", None)  # the mmap.mmap under gguf.GGUFFile's np.memmap
-    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-        mm.madvise(mmap.MADV_DONTNEED)
-
-
+# -- loading ---------------------------------------------------------------------------------------------
 def load_decoder(path=None):
     """SmolLM2 with its matrices kept quantized. -> (Llama, Tokenizer)"""
-    from .generate import load_decoder as load
+    from .model import load_decoder as load
     return load(path, load_matrix=QuantMatrix.from_tensor)
 
 

@@ -15,6 +15,7 @@ Every count and offset is checked against the file's size before it is used, so 
 raises GGUFError naming the problem, and never makes the reader allocate what the file merely claims.
 """
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -89,12 +90,13 @@ class GGUFFile:
         self._parse()
 
     # -- low-level reads, each checked against the end of the file --------------------------------------
-    def _fail(self, what):
+    def fail(self, what):
+        """Raise GGUFError naming this file: for readers that find its contents wrong."""
         raise GGUFError(f"{self.path}: {what}")
 
     def _take(self, n, what):
         if n < 0 or self._pos + n > len(self._buf):
-            self._fail(f"truncated: {what} needs {n} bytes at offset {self._pos}, file has {len(self._buf)}")
+            self.fail(f"truncated: {what} needs {n} bytes at offset {self._pos}, file has {len(self._buf)}")
         start, self._pos = self._pos, self._pos + n
         return start
 
@@ -108,20 +110,20 @@ class GGUFFile:
         try:
             return self._mv[start:start + n].tobytes().decode("utf-8")
         except UnicodeDecodeError:
-            self._fail(f"{what} at offset {start} is not valid UTF-8")
+            self.fail(f"{what} at offset {start} is not valid UTF-8")
 
     def _value(self, vtype, what):
         try:
             vtype = ValueType(vtype)
         except ValueError:
-            self._fail(f"{what} has unknown value type {vtype}")
+            self.fail(f"{what} has unknown value type {vtype}")
         if vtype == ValueType.STRING:
             return self._string(what), (vtype, None)
         if vtype == ValueType.ARRAY:
             etype = self._scalar("<I", f"element type of {what}")
             count = self._scalar("<Q", f"length of {what}")
             if etype not in ValueType._value2member_map_ or etype == ValueType.ARRAY:
-                self._fail(f"{what} is an array of unsupported type {etype}")
+                self.fail(f"{what} is an array of unsupported type {etype}")
             etype = ValueType(etype)
             if etype in NUMPY_DTYPE:  # numbers: one bounds check, then a single read
                 dtype = np.dtype(NUMPY_DTYPE[etype])
@@ -129,7 +131,7 @@ class GGUFFile:
                 arr = np.frombuffer(self._mv, dtype, count, start).copy()
                 return (arr.astype(bool) if etype == ValueType.BOOL else arr), (vtype, etype)
             if count * 8 > len(self._buf) - self._pos:  # every string needs at least its 8-byte length
-                self._fail(f"{what} claims {count} strings, more than the file can hold")
+                self.fail(f"{what} claims {count} strings, more than the file can hold")
             return [self._string(f"{what}[{i}]") for i in range(count)], (vtype, etype)
         value = self._scalar(STRUCT_FORMAT[vtype], what)
         return (bool(value) if vtype == ValueType.BOOL else value), (vtype, None)
@@ -137,44 +139,44 @@ class GGUFFile:
     # -- the file ----------------------------------------------------------------------------------------
     def _parse(self):
         if len(self._buf) < 4 or self._mv[:4].tobytes() != MAGIC:
-            self._fail(f"not a GGUF file (magic {self._mv[:4].tobytes()!r}, expected b'GGUF')")
+            self.fail(f"not a GGUF file (magic {self._mv[:4].tobytes()!r}, expected b'GGUF')")
         self._pos = 4
         self.version = self._scalar("<I", "version")
         if self.version not in (2, 3):
-            self._fail(f"unsupported GGUF version {self.version} (tinyllava reads versions 2 and 3)")
+            self.fail(f"unsupported GGUF version {self.version} (tinyllava reads versions 2 and 3)")
         n_tensors = self._scalar("<Q", "tensor count")
         n_kv = self._scalar("<Q", "metadata count")
         remaining = len(self._buf) - self._pos
         if n_kv * 12 > remaining or n_tensors * 24 > remaining:  # smallest possible key/value, tensor info
-            self._fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds "
+            self.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds "
                        f"(truncated, or not written as GGUF)")
         for i in range(n_kv):
             key = self._string(f"metadata key #{i}")
             if key in self.metadata:
-                self._fail(f"metadata key {key!r} appears twice")
+                self.fail(f"metadata key {key!r} appears twice")
             vtype = self._scalar("<I", f"type of {key!r}")
             self.metadata[key], self.types[key] = self._value(vtype, f"value of {key!r}")
 
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if self.types.get("general.alignment", (ValueType.UINT32,))[0] != ValueType.UINT32 or \
                 not isinstance(self.alignment, int) or self.alignment <= 0 or self.alignment & (self.alignment - 1):
-            self._fail(f"general.alignment must be a power of two (u32), got {self.alignment!r}")
+            self.fail(f"general.alignment must be a power of two (u32), got {self.alignment!r}")
 
         infos = []
         for i in range(n_tensors):
             name = self._string(f"name of tensor #{i}")
             n_dims = self._scalar("<I", f"dims of {name!r}")
             if not 1 <= n_dims <= MAX_DIMS:
-                self._fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
+                self.fail(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
             dims = [self._scalar("<Q", f"dim of {name!r}") for _ in range(n_dims)]
             if min(dims) < 1 or math.prod(dims) > 2**62:
-                self._fail(f"tensor {name!r} has impossible dimensions {dims}")
+                self.fail(f"tensor {name!r} has impossible dimensions {dims}")
             ttype = self._scalar("<I", f"type of {name!r}")
             offset = self._scalar("<Q", f"offset of {name!r}")
             if ttype not in quant.BLOCK_SIZE:
-                self._fail(f"tensor {name!r} has unknown or unsupported ggml type {ttype}")
+                self.fail(f"tensor {name!r} has unknown or unsupported ggml type {ttype}")
             if name in self.tensors or name in (n for n, *_ in infos):
-                self._fail(f"tensor {name!r} appears twice")
+                self.fail(f"tensor {name!r} appears twice")
             infos.append((name, dims, GGMLType(ttype), offset))
 
         data_start = -(-self._pos // self.alignment) * self.alignment
@@ -183,12 +185,12 @@ class GGUFFile:
             try:
                 size = quant.nbytes(ttype, shape)
             except TinyLlavaError as e:
-                self._fail(f"tensor {name!r}: {e}")
+                self.fail(f"tensor {name!r}: {e}")
             start = data_start + offset
             if offset % self.alignment:
-                self._fail(f"tensor {name!r} offset {offset} is not a multiple of the alignment {self.alignment}")
+                self.fail(f"tensor {name!r} offset {offset} is not a multiple of the alignment {self.alignment}")
             if start + size > len(self._buf):
-                self._fail(f"tensor {name!r} ({ttype.name} {list(dims)}, {size} bytes at offset {start}) runs past "
+                self.fail(f"tensor {name!r} ({ttype.name} {list(dims)}, {size} bytes at offset {start}) runs past "
                            f"the end of the file ({len(self._buf)} bytes): truncated?")
             self.tensors[name] = GGUFTensor(name, ttype, shape, self._buf[start:start + size])
 
@@ -201,12 +203,19 @@ class GGUFFile:
     def require(self, key):
         """A metadata value that must be present, with an error naming the file otherwise."""
         if key not in self.metadata:
-            self._fail(f"missing metadata key {key!r} (is this the right kind of model file?)")
+            self.fail(f"missing metadata key {key!r} (is this the right kind of model file?)")
         return self.metadata[key]
+
+    def release(self):
+        """Give back the RAM of the pages that were read. The file stays mapped, and a page read again comes
+        back from the OS's page cache (no disk read): for a tower whose weights are not needed for a while."""
+        mm = getattr(self._buf, "_mmap", None)  # the mmap.mmap under the np.memmap
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def tensor(self, name):
         if name not in self.tensors:
-            self._fail(f"missing tensor {name!r} (is this the right kind of model file?)")
+            self.fail(f"missing tensor {name!r} (is this the right kind of model file?)")
         return self.tensors[name]
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .convert import CLIP_MEAN, CLIP_STD
 from .errors import TinyLlavaError
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # per channel, of the images CLIP was trained on
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MEAN_RGB = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): LLaVA's padding colour
 MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
 MIN_SIDE = 16            # one ViT patch: anything smaller holds nothing to see

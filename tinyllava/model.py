@@ -5,7 +5,7 @@
 
 Two prompt forms:
   plain (stage-1 pretraining, and captioning): <image> caption <|im_end|>
-  chat (a question about the image):           ChatML, the user's turn starting with <image>\\n
+  chat (a question about the image):           ChatML, the first user turn starting with <image>\\n
 
 For training, one image and all its captions are packed into one sequence, [image | caption 1 | caption 2 ...],
 where each caption sees the image and itself only (a block mask) and starts at the position right after the
@@ -13,12 +13,16 @@ image: the same numbers as one sequence per caption, with the image computed onc
 """
 import numpy as np
 
+from .decoding import Sampling, TextStream, generate
 from .errors import TinyLlavaError
-from .llama import causal_mask
+from .llama import KVCache, Llama
+from .ops import causal_mask
+from .tokenizer import Tokenizer
 
 IMAGE = "<image>"
 
 
+# -- prompts -----------------------------------------------------------------------------------------------
 def split_prompt(text):
     """'a <image> b' -> ['a ', IMAGE, ' b'] (text pieces and image markers, in order)."""
     out = []
@@ -30,14 +34,29 @@ def split_prompt(text):
     return out
 
 
+def chat_messages(question, n_images=1, system=None, history=()):
+    """ChatML messages for a question about the images, after earlier turns (`history`, a list of
+    {"role", "content"}). The images go first in the first user turn, as LLaVA puts them, unless that turn
+    already places them with <image>."""
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [dict(m) for m in history] + [{"role": "user", "content": question}]
+    first = next(m for m in messages if m["role"] == "user")
+    if n_images and IMAGE not in first["content"]:
+        marks = IMAGE + "\n" if n_images == 1 else "".join(f"Image {i + 1}: {IMAGE}\n" for i in range(n_images))
+        first["content"] = marks + first["content"]
+    return messages
+
+
 def chat_prompt(tokenizer, question, n_images=1, system=None, history=()):
-    """ChatML text for a question about the images (LLaVA puts the images first in the user's turn)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + list(history)
-    images = IMAGE + "\n" if n_images == 1 else "".join(f"Image {i + 1}: {IMAGE}\n" for i in range(n_images))
-    content = (images if not history else "") + question
-    return tokenizer.chat(messages + [{"role": "user", "content": content}])
+    """The chat template's text for a question about the images, ending where the answer starts."""
+    return tokenizer.chat(chat_messages(question, n_images, system, history))
 
 
+def caption_ids(tok, captions):  # the plain template's targets: each caption, then the end token
+    return [tok.encode(c) + [tok.eos_id] for c in captions]
+
+
+# -- the model ---------------------------------------------------------------------------------------------
 class Llava:
     def __init__(self, decoder, tokenizer, tower=None, projector=None):
         self.decoder = decoder      # llama.Llama
@@ -71,8 +90,68 @@ class Llava:
                 pieces += ids
         return np.concatenate(xs, axis=0)[None].astype(np.float32), pieces
 
+    def complete(self, x, sampling=Sampling(), on_text=None, cache=None, on_step=None, hidden_states=None):
+        """Generate after the prompt embeddings x [1, T, d] until the end token. on_text(piece) gets the text
+        as it is decoded. -> (text, token ids, the last of them the end token if it came)"""
+        stream, ids = TextStream(self.tok), []
+        for t in generate(self.decoder, x, sampling, {self.tok.eos_id}, cache, on_step, hidden_states):
+            ids.append(t)
+            if t != self.tok.eos_id and on_text:
+                on_text(stream.push(t))
+        if on_text:
+            on_text(stream.flush())
+        return self.tok.decode([t for t in ids if t != self.tok.eos_id]), ids
 
-# -- stage-1 training sequences --------------------------------------------------------------------------
+    def caption(self, image_tokens, sampling=Sampling(), on_text=None, **observe):  # [196, d] -> text
+        """The plain template, as stage 1 trained it: the image tokens, then the caption."""
+        return self.complete(image_tokens[None], sampling, on_text, **observe)[0]
+
+    def answer(self, question, images=(), history=(), system=None, sampling=Sampling(), on_text=None, **observe):
+        """The reply to `question` about the images (each [196, d]), through the chat template."""
+        x, _ = self.embed(chat_prompt(self.tok, question, len(images), system, history), images)
+        return self.complete(x, sampling, on_text, **observe)[0]
+
+
+class Chat:
+    """A conversation about images, turn by turn, through the tokenizer's chat template. The KV cache is kept
+    between turns, so a turn costs only its own new tokens."""
+
+    def __init__(self, llava, images=(), system=None):
+        self.llava, self.images, self.system = llava, list(images), system
+        self.history = []   # the messages so far
+        self.cache = KVCache(llava.decoder.cfg, 1, 256)
+        self.text = ""      # the conversation's text so far: in the cache, but for the pending token
+        self.pending = []   # the last answer's final token, sampled but not yet fed in
+        self.ids = []       # the last answer's token ids
+
+    def prompt(self, question):
+        """-> (x [1, T, d] to feed for this turn, pieces (ids or IMAGE) for showing it, the turn's full text)"""
+        tok = self.llava.tok
+        text = chat_prompt(tok, question, len(self.images), self.system, self.history)
+        if not self.history:
+            x, pieces = self.llava.embed(text, self.images)
+            return x, pieces, text
+        if not text.startswith(self.text):
+            raise TinyLlavaError("the chat template rewrote earlier turns: the KV cache cannot be reused")
+        ids = self.pending + tok.encode(text[len(self.text):])
+        return self.llava.decoder.embed([ids]), ids, text
+
+    def ask(self, question, sampling=Sampling(), on_text=None, **observe):
+        x, _, text = self.prompt(question)
+        context = self.llava.decoder.cfg.context_length
+        room = context - self.cache.length - x.shape[1]
+        if room < 1:
+            raise TinyLlavaError(f"the prompt is {x.shape[1]} tokens, longer than the context ({context})"
+                                 if not self.history else f"the conversation has filled the context ({context})")
+        sampling = Sampling(**{**vars(sampling), "n_predict": min(sampling.n_predict, room)})
+        answer, self.ids = self.llava.complete(x, sampling, on_text, self.cache, **observe)
+        self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        self.text = text + answer
+        self.pending = [] if self.ids[-1] == self.llava.tok.eos_id else self.ids[-1:]
+        return answer
+
+
+# -- stage-1 training sequences ----------------------------------------------------------------------------
 def pack(prefix, captions):
     """One image's training sequence with all its captions packed after it.
 
@@ -120,9 +199,18 @@ def collate(samples, prefixes, embed):
     return x, positions, mask, np.concatenate(ats), np.concatenate(targets)
 
 
+# -- loading -----------------------------------------------------------------------------------------------
 def default_projector_path():
     from .weights import WEIGHTS_DIR
     return WEIGHTS_DIR / "projector.gguf"
+
+
+def load_decoder(path=None, load_matrix=None):
+    """The SmolLM2 decoder and its tokenizer (fetched on first use when no path is given). Matrices are float32,
+    or what load_matrix(GGUFTensor) makes (fused.QuantMatrix.from_tensor keeps them quantized)."""
+    from .weights import decoder_path
+    model = Llama.load(path or decoder_path(), load_matrix)
+    return model, Tokenizer.from_gguf(model.gguf)
 
 
 def load_llava(projector=None, decoder=None, tower=True, load_matrix=None):
@@ -130,7 +218,6 @@ def load_llava(projector=None, decoder=None, tower=True, load_matrix=None):
     committed weights/projector.gguf), each fetched or converted on first use."""
     from pathlib import Path
 
-    from .generate import load_decoder
     from .projector import Projector
     from .vit import VisionTower
     from .weights import vision_path

@@ -4,27 +4,69 @@ LLaVA v1:   linear        y = f W0.T + b0
 LLaVA v1.5: mlp2x_gelu    y = gelu(f W0.T + b0) W2.T + b2    (GELU with the tanh approximation, as llama.cpp's
                                                             LLaVA projector computes it)
 
-It is the only thing stage 1 trains. Saved as a small GGUF with llama.cpp's projector names: mm.0.* is the
-first linear layer, mm.2.* the second (mm.1 is the GELU, which has no weights).
+Stage 1 trains only this; stage 2 trains it together with the decoder. Saved as a small GGUF with llama.cpp's
+projector names: mm.0.* is the first linear layer, mm.2.* the second (mm.1 is the GELU, which has no weights).
+
+To add a projector type, add one row to KINDS: its parameters' shapes, forward, backward, its llama.cpp
+tensors and its stage-1 learning rate. Training, loading, saving and export read everything from that row.
 """
-import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .errors import TinyLlavaError
 from .gguf import GGUFFile, write_gguf
+from .ops import gelu_tanh, gelu_tanh_backward, linear, linear_backward
 
-KINDS = ("linear", "mlp2x_gelu")
-SQRT_2_OVER_PI = math.sqrt(2 / math.pi)  # a Python float: keeps float32 arrays float32
-
-
-def gelu_tanh(x):  # [...] -> [...]
-    return 0.5 * x * (1 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+LINEAR_SHIFT = 64.0  # see linear_as_mlp
 
 
-def gelu_tanh_backward(dy, x):  # [...], [...] -> dx [...]
-    t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
-    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x))
+# -- the kinds -----------------------------------------------------------------------------------------------
+def linear_forward(p, f):  # params, [..., d_in] -> [..., d_out]
+    return linear(f, p["w0"], p["b0"])
+
+
+def linear_grads(p, dy, f):  # params, d(output) [M, d_out], input [M, d_in] -> gradients of params
+    return {"w0": linear_backward(dy, f, p["w0"], need_dw=True)[1], "b0": dy.sum(0)}
+
+
+def linear_as_mlp(p):
+    """llama.cpp's projectors include "mlp" (mm.0 -> GELU -> mm.2), not a plain linear one. A linear projector
+    becomes mm.0 = [W; b + C], mm.2 = [I; -C] with C = 64: ggml's GELU returns x itself for x >= 10, so
+    GELU(Wx + b + C) - C = Wx + b while every Wx + b > -54."""
+    d = p["w0"].shape[0]
+    return {"mm.0.weight": p["w0"], "mm.0.bias": p["b0"] + np.float32(LINEAR_SHIFT),
+            "mm.2.weight": np.eye(d, dtype=np.float32), "mm.2.bias": np.full(d, -LINEAR_SHIFT, np.float32)}
+
+
+def mlp_forward(p, f):  # params, [..., d_in] -> [..., d_out]
+    return linear(gelu_tanh(linear(f, p["w0"], p["b0"])), p["w2"], p["b2"])
+
+
+def mlp_grads(p, dy, f):  # params, d(output) [M, d_out], input [M, d_in] -> gradients of params
+    h = linear(f, p["w0"], p["b0"])                                    # [M, d_out] (recomputed)
+    dg, dw2 = linear_backward(dy, gelu_tanh(h), p["w2"], need_dw=True)  # [M, d_out]
+    dh = gelu_tanh_backward(dg, h)                                     # [M, d_out]
+    return {"w0": linear_backward(dh, f, p["w0"], need_dw=True)[1], "b0": dh.sum(0), "w2": dw2, "b2": dy.sum(0)}
+
+
+@dataclass(frozen=True)
+class Kind:
+    shapes: Callable    # (d_in, d_out) -> {param name: shape}
+    forward: Callable   # (params, f [..., d_in]) -> [..., d_out]
+    grads: Callable     # (params, dy [M, d_out], f [M, d_in]) -> {param name: gradient}
+    llama_cpp: Callable  # params -> {llama.cpp's mm.* tensor name: array}
+    lr: float           # LLaVA's stage-1 learning rate (v1: 2e-3, v1.5: 1e-3)
+
+
+KINDS = {
+    "linear": Kind(lambda i, o: {"w0": (o, i), "b0": (o,)}, linear_forward, linear_grads, linear_as_mlp, 2e-3),
+    "mlp2x_gelu": Kind(lambda i, o: {"w0": (o, i), "b0": (o,), "w2": (o, o), "b2": (o,)}, mlp_forward, mlp_grads,
+                       lambda p: {"mm.0.weight": p["w0"], "mm.0.bias": p["b0"], "mm.2.weight": p["w2"],
+                                  "mm.2.bias": p["b2"]}, 1e-3),
+}
+FILE_NAMES = {"w0": "mm.0.weight", "b0": "mm.0.bias", "w2": "mm.2.weight", "b2": "mm.2.bias"}  # in our GGUF
 
 
 class Projector:
@@ -32,17 +74,18 @@ class Projector:
         if kind not in KINDS:
             raise TinyLlavaError(f"unknown projector {kind!r} (choose from {', '.join(KINDS)})")
         self.kind = kind
-        self.params = params  # "w0" [out, in], "b0" [out] (+ "w2" [out, out], "b2" [out] for mlp2x_gelu)
+        self.params = params  # name -> array, as KINDS[kind].shapes names them
 
     @classmethod
     def init(cls, kind, d_in=768, d_out=576, seed=0):
-        """PyTorch's nn.Linear initialization: uniform in +-1/sqrt(fan_in), for weights and biases."""
+        """PyTorch's nn.Linear initialization: uniform in +-1/sqrt(fan_in), for weights and their biases."""
+        if kind not in KINDS:
+            raise TinyLlavaError(f"unknown projector {kind!r} (choose from {', '.join(KINDS)})")
         rng = np.random.default_rng(seed)
-        u = lambda shape, fan_in: rng.uniform(-1, 1, shape).astype(np.float32) / np.float32(np.sqrt(fan_in))  # noqa
-        p = {"w0": u((d_out, d_in), d_in), "b0": u(d_out, d_in)}
-        if kind == "mlp2x_gelu":
-            p.update(w2=u((d_out, d_out), d_out), b2=u(d_out, d_out))
-        return cls(kind, p)
+        shapes = KINDS[kind].shapes(d_in, d_out)
+        fan_in = {name: shapes["w" + name[1:]][1] for name in shapes}  # a bias shares its weight's fan-in
+        return cls(kind, {name: rng.uniform(-1, 1, shape).astype(np.float32) / np.float32(np.sqrt(fan_in[name]))
+                          for name, shape in shapes.items()})
 
     @property
     def d_in(self):
@@ -53,39 +96,27 @@ class Projector:
         return self.params["w0"].shape[0]
 
     def forward(self, f):  # [..., d_in] -> [..., d_out]
-        p = self.params
-        h = f @ p["w0"].T + p["b0"]                                    # [..., d_out]
-        if self.kind == "linear":
-            return h
-        return gelu_tanh(h) @ p["w2"].T + p["b2"]                      # [..., d_out]
+        return KINDS[self.kind].forward(self.params, f)
 
     def backward(self, dy, f):  # d(output) [..., d_out], the input [..., d_in] -> gradients of params
-        p = self.params
-        f2, dy2 = f.reshape(-1, f.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [M, d_in], [M, d_out]
-        if self.kind == "linear":
-            return {"w0": dy2.T @ f2, "b0": dy2.sum(0)}
-        h = f2 @ p["w0"].T + p["b0"]                                   # [M, d_out] (recomputed)
-        g = gelu_tanh(h)                                               # [M, d_out]
-        dh = gelu_tanh_backward(dy2 @ p["w2"], h)                      # [M, d_out]
-        return {"w0": dh.T @ f2, "b0": dh.sum(0), "w2": dy2.T @ g, "b2": dy2.sum(0)}
+        return KINDS[self.kind].grads(self.params, dy.reshape(-1, dy.shape[-1]), f.reshape(-1, f.shape[-1]))
 
     # -- file -------------------------------------------------------------------------------------------
-    NAMES = {"w0": "mm.0.weight", "b0": "mm.0.bias", "w2": "mm.2.weight", "b2": "mm.2.bias"}
-
     def save(self, path, metadata=None):
         meta = {"general.architecture": "clip", "general.name": f"tinyllava projector ({self.kind})",
                 "clip.has_llava_projector": True, "clip.projector_type": "mlp",
                 "tinyllava.projector": self.kind, **(metadata or {})}
-        write_gguf(path, meta, {self.NAMES[k]: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()})
+        write_gguf(path, meta, {FILE_NAMES[k]: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()})
 
     @classmethod
     def load(cls, path):
         g = GGUFFile(path)
         if "mm.0.weight" not in g.tensors:
-            g._fail("has no projector (no mm.0.weight): pass a projector GGUF made by tinyllava.train")
+            g.fail("has no projector (no mm.0.weight): pass a projector GGUF made by tinyllava.train")
         kind = g.get("tinyllava.projector") or ("mlp2x_gelu" if "mm.2.weight" in g.tensors else "linear")
-        params = {k: g.tensor(n).numpy() for k, n in cls.NAMES.items() if n in g.tensors}
-        proj = cls(kind, params)
-        if set(params) != set(cls.init(kind, 2, 2).params):
-            g._fail(f"a {kind} projector needs {sorted(cls.NAMES[k] for k in cls.init(kind, 2, 2).params)}")
-        return proj
+        if kind not in KINDS:
+            g.fail(f"unknown projector type {kind!r} (tinyllava knows {', '.join(KINDS)})")
+        params = {k: g.tensor(n).numpy() for k, n in FILE_NAMES.items() if n in g.tensors}
+        if set(params) != set(KINDS[kind].shapes(1, 1)):
+            g.fail(f"a {kind} projector needs {sorted(FILE_NAMES[k] for k in KINDS[kind].shapes(1, 1))}")
+        return cls(kind, params)

@@ -6,6 +6,15 @@ format below is a NumPy structured dtype: the bytes of one block, field by field
 
 `dequantize` turns raw blocks back into float32; `quantize` makes blocks from float32 (Q8_0, Q4_0, Q4_1).
 Both reproduce ggml's reference C code bit for bit (checked against the `gguf` package in the tests).
+
+To add a format (Q5_0, say: 32 weights = d * (q - 16), q 5 bits: 4 in qs, the fifth in a 32-bit qh):
+  1. its (numbers per block, bytes per block) are already in BLOCK_SIZE for every ggml type; write its block as
+     a structured dtype below, field by field as ggml's block_q5_0 struct, and add it to BLOCK_DTYPE;
+  2. a branch in `dequantize` (and in `quantize`, if tinyllava should write it), following ggml's
+     dequantize_row_q5_0 / quantize_row_q5_0_ref;
+  3. a test against `gguf.quants` on random blocks and on a real tensor (tests/test_quant.py);
+  4. to keep it quantized in memory as well (fused.py): a kernel id in fused.KERNELS, a `dot4_` loop and a
+     branch of `dequantize_rows`, reading the field offsets from the dtype; tests/test_fused.py then runs it.
 """
 from enum import IntEnum
 

@@ -14,6 +14,8 @@ import re
 import unicodedata
 from functools import lru_cache
 
+from .gguf import GGUFFile
+
 # Unicode White_Space: what \s matches in the regex engine of the reference tokenizer (not str.isspace(),
 # which also counts the ASCII separators \x1c-\x1f).
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
@@ -96,6 +98,11 @@ class Tokenizer:
         self.special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
         self.default_system = chat_template_system
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
+
+    @classmethod
+    def load(cls, path):
+        """The tokenizer stored in a GGUF (no weight is read)."""
+        return cls.from_gguf(GGUFFile(path))
 
     @classmethod
     def from_gguf(cls, gguf_file):

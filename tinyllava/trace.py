@@ -1,4 +1,4 @@
-"""`generate --trace`: every stage of LLaVA inference, printed as it happens (to stderr), for a learner to follow.
+"""`generate --trace`: every stage of LLaVA inference, printed to stderr as it happens, for a learner to follow.
 
     image -> preprocessing -> patch embedding -> ViT blocks -> projector -> prompt with the image tokens in
     place -> prefill, block by block -> decode steps, each with its top candidates
@@ -9,9 +9,8 @@ import time
 import numpy as np
 
 from .image import open_image, preprocess
-from .llama import softmax
 from .model import IMAGE
-from .vit import clip_block
+from .ops import softmax
 
 
 def say(*a):
@@ -19,7 +18,8 @@ def say(*a):
 
 
 class BlockClock(list):
-    """A list of hidden states that notes when each arrives, so the time of every block can be read off."""
+    """A list of hidden states that notes when each arrives, so the time of every block can be read off.
+    Pass it as a tower's `hidden_states`."""
 
     def __init__(self):
         super().__init__()
@@ -50,56 +50,44 @@ def image_tokens(llava, path, pad=True):
     t = time.perf_counter()
     x = tower.embed(px[None])
     n = cfg.image_size // cfg.patch_size
-    say(f"[2] patch embedding: {n}x{n} patches of {cfg.patch_size}x{cfg.patch_size}x3 -> [{n * n}, {cfg.dim}], "
-        f"plus the class token and positions, pre-LN: [1, {x.shape[1]}, {cfg.dim}] "
+    say(f"[2] patch embedding: {n}x{n} patches of {cfg.patch_size}x{cfg.patch_size}x3 -> [{cfg.n_patches}, "
+        f"{cfg.dim}], plus the class token and positions, pre-LN: [1, {x.shape[1]}, {cfg.dim}] "
         f"({(time.perf_counter() - t) * 1000:.0f} ms)")
     say(f"[3] vision tower: {cfg.n_layers - 1} of {cfg.n_layers} blocks (LLaVA takes the output of block "
         f"{cfg.n_layers - 1}, hidden state -2)")
     clock = BlockClock()
-    for layer in tower.layers[:cfg.n_layers - 1]:
-        x = clip_block(x, layer, cfg)
-        clock.append(x)
+    x = tower.forward(x, n_layers=cfg.n_layers - 1, hidden_states=clock)
     clock.report("vision tower")
     t = time.perf_counter()
     out = llava.projector.forward(x[0, 1:])
-    say(f"[4] projector ({llava.projector.kind}): drop the class token, [{n * n}, {cfg.dim}] -> "
+    say(f"[4] projector ({llava.projector.kind}): drop the class token, [{cfg.n_patches}, {cfg.dim}] -> "
         f"[{out.shape[0]}, {out.shape[1]}] image tokens, |token| ~ {np.linalg.norm(out, axis=-1).mean():.2f} "
         f"({(time.perf_counter() - t) * 1000:.0f} ms)")
     return out
 
 
-def prompt(tok, pieces):
-    """Show the prompt as the decoder sees it: token by token, the image as one block of tokens."""
-    shown, n = [], 0
-    for p in pieces:
-        if p == IMAGE:
-            shown.append("[IMAGE x196]")
-            n += 196
-        else:
-            shown.append(repr(tok.decode([p]))[1:-1])
-            n += 1
+def prompt(tok, pieces, n_image_tokens):
+    """Show the prompt as the decoder sees it: token by token, each image as one block of tokens."""
+    shown = [f"[IMAGE x{n_image_tokens}]" if p == IMAGE else repr(tok.decode([p]))[1:-1] for p in pieces]
+    n = sum(n_image_tokens if p == IMAGE else 1 for p in pieces)
     say(f"\n[5] prompt: {n} positions\n    " + " ".join(shown))
 
 
-def prefill(model, x, cache):
-    """All prompt positions but the last through the decoder, timing each block."""
-    clock = BlockClock()
-    if x.shape[1] > 1:
-        model.forward(x[:, :-1], cache, hidden_states=clock)
-        say(f"\n[6] prefill of {x.shape[1] - 1} positions into the KV cache, block by block:")
-        clock.report("decoder")
-    say("\n[7] decoding, one token per step (the last prompt position starts it):")
-
-
-def step_printer(tok, temp=0.0, k=5):
-    """-> on_step(step, logits) that prints the top candidates of each step."""
-    last = [time.perf_counter()]
+def decoding(tok, temp=0.0, k=5):
+    """-> the `hidden_states` and `on_step` arguments of Llava.complete that show the prefill block by block,
+    then each decode step's top candidates."""
+    clock, last = BlockClock(), [0.0]
 
     def on_step(step, logits):
+        now = time.perf_counter()
+        if step == 0:
+            say("\n[6] prefill of the prompt into the KV cache, block by block:")
+            clock.report("decoder")
+            say("\n[7] decoding, one token per step:")
+            last[0] = clock.times[-1]
         p = softmax(logits.astype(np.float64) / (temp if temp > 0 else 1.0))
         top = np.argsort(-p)[:k]
-        now = time.perf_counter()
         cands = "  ".join(f"{tok.decode([int(i)])!r} {p[i]:.2f}" for i in top)
         say(f"  step {step:3d} ({(now - last[0]) * 1000:5.1f} ms): {cands}")
         last[0] = now
-    return on_step
+    return {"hidden_states": clock, "on_step": on_step}

@@ -14,63 +14,71 @@ OUT/projector.gguf is the projector with the lowest dev loss seen.
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from .errors import TinyLlavaError, cli_errors
 from .gguf import GGUFFile, write_gguf
-from .model import collate, pack
+from .model import caption_ids, collate, pack
+from .ops import cross_entropy
+from .optim import AdamW, clip_grad_norm, lr_at
 from .projector import KINDS, Projector
 
-DEFAULT_LR = {"linear": 2e-3, "mlp2x_gelu": 1e-3}  # LLaVA v1 / v1.5 stage-1 learning rates
 
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; `python -m tinyllava.train --help` explains each one."""
+    data: str
+    out: str
+    images: str = None
+    projector: str = "mlp2x_gelu"
+    split: str = "train"
+    dev_split: str = "dev"
+    dev_images: int = 100
+    epochs: float = 1.0
+    steps: int = None
+    batch: int = 16
+    micro_batch: int = 1
+    captions: int = 5
+    lr: float = None
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 20
+    eval_every: int = 50
+    fresh: bool = False
+    init: str = None
+    cache: str = None
+    crop: bool = False
+    model: str = None
+    on_error: str = "stop"
 
-def lr_at(step, total, base, warmup):
-    """Linear warmup over `warmup` steps, then cosine decay to zero (as transformers' cosine schedule)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-class AdamW:
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.betas, self.eps, self.wd = betas, eps, weight_decay
-        self.m = {k: np.zeros_like(v) for k, v in params.items()}
-        self.v = {k: np.zeros_like(v) for k, v in params.items()}
-        self.t = 0
-
-    def step(self, params, grads, lr):
-        self.t += 1
-        b1, b2 = self.betas
-        for k, g in grads.items():
-            self.m[k] = b1 * self.m[k] + (1 - b1) * g
-            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
-            m_hat = self.m[k] / (1 - b1 ** self.t)
-            v_hat = self.v[k] / (1 - b2 ** self.t)
-            params[k] = (params[k] * (1 - lr * self.wd) - lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(np.float32)
+    def check(self):
+        for name in ("batch", "micro_batch", "captions", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise TinyLlavaError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.projector not in KINDS:
+            raise TinyLlavaError(f"unknown projector {self.projector!r} (choose from {', '.join(KINDS)})")
+        return self
 
 
 # -- one step ----------------------------------------------------------------------------------------------
-def caption_ids(tok, captions):
-    return [tok.encode(c) + [tok.eos_id] for c in captions]
-
-
 def batch_loss_and_grads(decoder, proj, feats, captions, micro_batch=1):
     """Summed caption loss over the images, the number of caption tokens, and the projector's gradients.
     feats: list of [196, 768]; captions: one list of id lists per image."""
     total, n_tokens, grads = 0.0, 0, {k: np.zeros_like(v) for k, v in proj.params.items()}
-    embed = lambda ids: decoder.embed(ids)  # noqa: E731
     for s in range(0, len(feats), micro_batch):
         f = feats[s:s + micro_batch]
         prefixes = [proj.forward(fi) for fi in f]                                  # [196, d] each
         samples = [pack(p, caps) for p, caps in zip(prefixes, captions[s:s + micro_batch])]
-        x, positions, mask, at, targets = collate(samples, prefixes, embed)
-        loss, dx = decoder.loss_and_grad(x, at, targets, positions, mask)          # dx [B, L, d]
+        x, positions, mask, at, targets = collate(samples, prefixes, decoder.embed)
+        loss, dx, _ = decoder.loss_and_grad(x, at, targets, positions, mask)       # dx [B, L, d]
         for b, fi in enumerate(f):
             for k, g in proj.backward(dx[b, :len(fi)], fi).items():
                 grads[k] += g
@@ -79,17 +87,25 @@ def batch_loss_and_grads(decoder, proj, feats, captions, micro_batch=1):
     return total, n_tokens, grads
 
 
+def train_step(decoder, proj, opt, feats, captions, lr, clip=1.0, micro_batch=1):
+    """One optimizer step of stage 1: each image and its captions packed into one sequence, the forward pass,
+    the loss on the caption tokens, the backward through the frozen decoder into the projector, AdamW.
+    -> (mean loss per caption token, gradient norm before clipping, caption tokens)"""
+    loss, n_tokens, grads = batch_loss_and_grads(decoder, proj, feats, captions, micro_batch)
+    grads, norm = clip_grad_norm({k: g / n_tokens for k, g in grads.items()}, clip)  # mean over caption tokens
+    opt.step(proj.params, grads, lr)
+    return loss / n_tokens, norm, n_tokens
+
+
 def dev_loss(decoder, proj, cache, indices, tok, examples):
     """Mean caption loss per token on dev images (forward only, all captions packed per image)."""
-    from .llama import cross_entropy, rms_norm, linear
     total, n = 0.0, 0
     for i in indices:
         prefix = proj.forward(cache[i])
         ids, positions, mask, at, targets = pack(prefix, caption_ids(tok, examples[i].captions))
         x = np.concatenate([prefix, decoder.embed(ids[len(prefix):])])[None]
         h = decoder.forward(x, positions=positions, mask=mask)[0]
-        logits = linear(rms_norm(h[at], decoder.norm, decoder.cfg.norm_eps), decoder.embedding)
-        total += cross_entropy(logits, targets)
+        total += cross_entropy(decoder.logits(h[at]), targets)
         n += len(targets)
     return total / n
 
@@ -135,74 +151,71 @@ def epoch_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train(args, log=print):
-    from .generate import load_decoder
+def train(cfg, log=print):
+    """Run (or resume) a stage-1 training run as the TrainConfig says. -> the projector of the last step"""
     from .data import FeatureCache, load_examples
+    from .model import load_decoder
     from .weights import vision_path
+    cfg.check()
 
-    out = Path(args.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(args.data, args.images, on_error=args.on_error)       # every split: one cache
-    train_idx = [i for i, e in enumerate(examples) if args.split in (None, "all") or e.split in (args.split, None)]
-    dev_idx = [i for i, e in enumerate(examples) if e.split == args.dev_split][:args.dev_images]
+    examples = load_examples(cfg.data, cfg.images, on_error=cfg.on_error)       # every split: one cache
+    train_idx = [i for i, e in enumerate(examples) if cfg.split in (None, "all") or e.split in (cfg.split, None)]
+    dev_idx = [i for i, e in enumerate(examples) if e.split == cfg.dev_split][:cfg.dev_images]
     if not train_idx:
-        raise TinyLlavaError(f"{args.data}: no training examples in split {args.split!r}")
-    decoder, tok = load_decoder(args.model)
-    cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
+        raise TinyLlavaError(f"{cfg.data}: no training examples in split {cfg.split!r}")
+    decoder, tok = load_decoder(cfg.model)
+    cache = FeatureCache.for_examples(examples, vision_path(), pad=not cfg.crop, cache=cfg.cache)
     if not cache.done[train_idx + dev_idx].all():
         from .vit import VisionTower
-        failed = set(cache.fill(VisionTower.load(vision_path()), on_error=args.on_error))
+        failed = set(cache.fill(VisionTower.load(vision_path()), on_error=cfg.on_error))
         train_idx = [i for i in train_idx if i not in failed]
         dev_idx = [i for i in dev_idx if i not in failed]
 
-    steps_per_epoch = max(1, len(train_idx) // args.batch)
-    total = args.steps or int(args.epochs * steps_per_epoch)
-    warmup = max(1, round(args.warmup * total))
-    lr = args.lr or DEFAULT_LR[args.projector]
+    steps_per_epoch = max(1, len(train_idx) // cfg.batch)
+    total = cfg.steps or int(cfg.epochs * steps_per_epoch)
+    warmup = max(1, round(cfg.warmup * total))
+    lr = cfg.lr or KINDS[cfg.projector].lr
     ckpt, log_path = out / "checkpoint.gguf", out / "log.jsonl"
 
-    if ckpt.exists() and not args.fresh:
+    if ckpt.exists() and not cfg.fresh:
         kind, params, m, v, step, t, state = load_checkpoint(ckpt)
-        if kind != args.projector or state["seed"] != args.seed or state["total"] != total:
+        if kind != cfg.projector or state["seed"] != cfg.seed or state["total"] != total:
             raise TinyLlavaError(f"{ckpt}: was made by a different run ({kind}, seed {state['seed']}, "
                                  f"{state['total']} steps); use --fresh or another --out")
-        proj, opt = Projector(kind, params), AdamW(params, weight_decay=args.weight_decay)
+        proj, opt = Projector(kind, params), AdamW(params, weight_decay=cfg.weight_decay)
         opt.m, opt.v, opt.t = m, v, t
         lines = log_path.read_text().splitlines() if log_path.exists() else []
         _write_atomic(log_path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < step))
         log(f"resuming {ckpt} at step {step}/{total}")
     else:
-        proj = Projector.load(args.init) if args.init else \
-            Projector.init(args.projector, cache.features.shape[-1], decoder.cfg.dim, seed=args.seed)
-        if proj.kind != args.projector or proj.d_out != decoder.cfg.dim:
-            raise TinyLlavaError(f"{args.init}: a {proj.kind} projector to {proj.d_out}, not {args.projector} to "
+        proj = Projector.load(cfg.init) if cfg.init else \
+            Projector.init(cfg.projector, cache.features.shape[-1], decoder.cfg.dim, seed=cfg.seed)
+        if proj.kind != cfg.projector or proj.d_out != decoder.cfg.dim:
+            raise TinyLlavaError(f"{cfg.init}: a {proj.kind} projector to {proj.d_out}, not {cfg.projector} to "
                                  f"{decoder.cfg.dim}")
-        opt, step = AdamW(proj.params, weight_decay=args.weight_decay), 0
-        state = {"seed": args.seed, "total": total, "best_dev": None, "best_step": None}
+        opt, step = AdamW(proj.params, weight_decay=cfg.weight_decay), 0
+        state = {"seed": cfg.seed, "total": total, "best_dev": None, "best_step": None}
         log_path.unlink(missing_ok=True)
-        log(f"training a {args.projector} projector: {len(train_idx)} images, {total} steps of {args.batch}")
+        log(f"training a {cfg.projector} projector: {len(train_idx)} images, {total} steps of {cfg.batch}")
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=None)  # None: shown on a terminal only
     while step < total:
         t0 = time.perf_counter()
-        epoch, k = divmod(step * args.batch, steps_per_epoch * args.batch)
-        order = epoch_order(len(train_idx), args.seed, epoch)
-        batch = [train_idx[j] for j in order[k:k + args.batch]]
+        epoch, k = divmod(step * cfg.batch, steps_per_epoch * cfg.batch)
+        order = epoch_order(len(train_idx), cfg.seed, epoch)
+        batch = [train_idx[j] for j in order[k:k + cfg.batch]]
         feats = [cache[i] for i in batch]
-        caps = [caption_ids(tok, examples[i].captions[:args.captions]) for i in batch]
-        loss, n_tokens, grads = batch_loss_and_grads(decoder, proj, feats, caps, args.micro_batch)
-        grads = {k_: g / n_tokens for k_, g in grads.items()}                      # mean over caption tokens
-        norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
-        if norm > args.clip:
-            grads = {k_: g * (args.clip / norm) for k_, g in grads.items()}
+        caps = [caption_ids(tok, examples[i].captions[:cfg.captions]) for i in batch]
         rate = lr_at(step, total, lr, warmup)
-        opt.step(proj.params, grads, rate)
+        loss, norm, n_tokens = train_step(decoder, proj, opt, feats, caps, rate, cfg.clip, cfg.micro_batch)
         step += 1
-        record = {"step": step - 1, "loss": loss / n_tokens, "lr": rate, "grad_norm": norm, "tokens": n_tokens,
+        record = {"step": step - 1, "loss": loss, "lr": rate, "grad_norm": norm, "tokens": n_tokens,
                   "seconds": round(time.perf_counter() - t0, 3)}
-        if dev_idx and (step % args.eval_every == 0 or step == total):
+        if dev_idx and (step % cfg.eval_every == 0 or step == total):
             record["dev_loss"] = dev_loss(decoder, proj, cache, dev_idx, tok, examples)
             if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
                 state.update(best_dev=record["dev_loss"], best_step=step)
@@ -211,7 +224,7 @@ def train(args, log=print):
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.3f}", dev=f"{state['best_dev']:.3f}" if state["best_dev"] else "-")
         bar.update(1)
-        if step % args.checkpoint_every == 0 or step == total:
+        if step % cfg.checkpoint_every == 0 or step == total:
             save_checkpoint(ckpt, proj, opt, step, state)
     bar.close()
     if not dev_idx:
@@ -227,7 +240,7 @@ def parser():
     ap.add_argument("--data", required=True, help="folder with pairs.jsonl, or a LLaVA pretrain JSON (with --images)")
     ap.add_argument("--images", help="image folder of a LLaVA pretrain JSON")
     ap.add_argument("--out", required=True, help="run folder: checkpoint.gguf, log.jsonl, projector.gguf")
-    ap.add_argument("--projector", choices=KINDS, default="mlp2x_gelu")
+    ap.add_argument("--projector", choices=list(KINDS), default="mlp2x_gelu")
     ap.add_argument("--split", default="train", help="pairs.jsonl split to train on ('all' for every line)")
     ap.add_argument("--dev-split", default="dev", help="split for the dev loss that selects the saved projector")
     ap.add_argument("--dev-images", type=int, default=100, help="dev images evaluated at each --eval-every")
@@ -256,10 +269,8 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     with cli_errors("tinyllava.train"):
-        for name in ("batch", "micro_batch", "captions", "checkpoint_every", "eval_every"):
-            if getattr(args, name) < 1:
-                raise TinyLlavaError(f"--{name.replace('_', '-')} must be at least 1")
-        train(args, log=lambda s: print(s, file=sys.stderr))
+        train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}),
+              log=lambda s: print(s, file=sys.stderr))
 
 
 if __name__ == "__main__":

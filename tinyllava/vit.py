@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gguf import GGUFFile
-from .llama import attention, linear
+from .ops import attention, layer_norm, linear, quick_gelu
 
 
 @dataclass
@@ -23,32 +23,23 @@ class ClipConfig:
     ffn_dim: int = 3072
     n_layers: int = 12
     n_heads: int = 12
-    eps: float = 1e-5
+    norm_eps: float = 1e-5
     projection_dim: int = 512
 
     @classmethod
     def from_gguf(cls, g):
         if g.get("general.architecture") != "clip" or not g.get("clip.has_vision_encoder"):
-            g._fail("is not a CLIP vision tower (general.architecture must be 'clip' with a vision encoder)")
+            g.fail("is not a CLIP vision tower (general.architecture must be 'clip' with a vision encoder)")
         v = "clip.vision."
-        return cls(g.require(v + "image_size"), g.require(v + "patch_size"), g.require(v + "embedding_length"),
-                   g.require(v + "feed_forward_length"), g.require(v + "block_count"),
-                   g.require(v + "attention.head_count"), g.require(v + "attention.layer_norm_epsilon"),
-                   g.get(v + "projection_dim", 0))
+        return cls(image_size=g.require(v + "image_size"), patch_size=g.require(v + "patch_size"),
+                   dim=g.require(v + "embedding_length"), ffn_dim=g.require(v + "feed_forward_length"),
+                   n_layers=g.require(v + "block_count"), n_heads=g.require(v + "attention.head_count"),
+                   norm_eps=g.require(v + "attention.layer_norm_epsilon"),
+                   projection_dim=g.get(v + "projection_dim", 0))
 
     @property
     def n_patches(self):
         return (self.image_size // self.patch_size) ** 2
-
-
-def layer_norm(x, w, b, eps):  # [..., d], [d], [d] -> [..., d]
-    mu = x.mean(axis=-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * w + b
-
-
-def quick_gelu(x):  # [...] -> [...]: CLIP's GELU, x * sigmoid(1.702 x)
-    return x / (1 + np.exp(-1.702 * x))
 
 
 def patchify(pixels, p):  # [B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in row-major order
@@ -58,35 +49,42 @@ def patchify(pixels, p):  # [B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in 
 
 
 @dataclass
-class ClipLayer:
-    ln1_w: np.ndarray  # [d]
-    ln1_b: np.ndarray  # [d]
-    wq: np.ndarray     # [d, d]
-    bq: np.ndarray     # [d]
-    wk: np.ndarray     # [d, d]
-    bk: np.ndarray     # [d]
-    wv: np.ndarray     # [d, d]
-    bv: np.ndarray     # [d]
-    wo: np.ndarray     # [d, d]
-    bo: np.ndarray     # [d]
-    ln2_w: np.ndarray  # [d]
-    ln2_b: np.ndarray  # [d]
-    w_up: np.ndarray   # [f, d]
-    b_up: np.ndarray   # [f]
-    w_down: np.ndarray  # [d, f]
-    b_down: np.ndarray  # [d]
+class ClipLayer:  # the fields of llama.Layer, each with its bias
+    attn_norm: np.ndarray    # [d]
+    attn_norm_b: np.ndarray  # [d]
+    wq: np.ndarray           # [d, d]
+    bq: np.ndarray           # [d]
+    wk: np.ndarray           # [d, d]
+    bk: np.ndarray           # [d]
+    wv: np.ndarray           # [d, d]
+    bv: np.ndarray           # [d]
+    wo: np.ndarray           # [d, d]
+    bo: np.ndarray           # [d]
+    ffn_norm: np.ndarray     # [d]
+    ffn_norm_b: np.ndarray   # [d]
+    w_up: np.ndarray         # [f, d]
+    b_up: np.ndarray         # [f]
+    w_down: np.ndarray       # [d, f]
+    b_down: np.ndarray       # [d]
 
 
-def clip_block(x, L, cfg):  # [B, N, d] -> [B, N, d]
+# ClipLayer field -> tensor name in the GGUF (v.blk.N.<name>), llama.cpp's CLIP names
+TENSOR_NAMES = {"attn_norm": "ln1.weight", "attn_norm_b": "ln1.bias", "wq": "attn_q.weight", "bq": "attn_q.bias",
+                "wk": "attn_k.weight", "bk": "attn_k.bias", "wv": "attn_v.weight", "bv": "attn_v.bias",
+                "wo": "attn_out.weight", "bo": "attn_out.bias", "ffn_norm": "ln2.weight", "ffn_norm_b": "ln2.bias",
+                "w_up": "ffn_up.weight", "b_up": "ffn_up.bias", "w_down": "ffn_down.weight", "b_down": "ffn_down.bias"}
+
+
+def clip_block(x, layer, cfg):  # [B, N, d] -> [B, N, d]
     B, N, d = x.shape
     hd = d // cfg.n_heads
-    a = layer_norm(x, L.ln1_w, L.ln1_b, cfg.eps)                     # [B, N, d]
-    q = (linear(a, L.wq) + L.bq).reshape(B, N, cfg.n_heads, hd)      # [B, N, H, hd]
-    k = (linear(a, L.wk) + L.bk).reshape(B, N, cfg.n_heads, hd)      # [B, N, H, hd]
-    v = (linear(a, L.wv) + L.bv).reshape(B, N, cfg.n_heads, hd)      # [B, N, H, hd]
-    x = x + linear(attention(q, k, v, mask=None).reshape(B, N, d), L.wo) + L.bo
-    m = layer_norm(x, L.ln2_w, L.ln2_b, cfg.eps)                     # [B, N, d]
-    return x + linear(quick_gelu(linear(m, L.w_up) + L.b_up), L.w_down) + L.b_down
+    a = layer_norm(x, layer.attn_norm, layer.attn_norm_b, cfg.norm_eps)              # [B, N, d]
+    q = linear(a, layer.wq, layer.bq).reshape(B, N, cfg.n_heads, hd)                 # [B, N, H, hd]
+    k = linear(a, layer.wk, layer.bk).reshape(B, N, cfg.n_heads, hd)                 # [B, N, H, hd]
+    v = linear(a, layer.wv, layer.bv).reshape(B, N, cfg.n_heads, hd)                 # [B, N, H, hd]
+    x = x + linear(attention(q, k, v, mask=None).reshape(B, N, d), layer.wo, layer.bo)  # [B, N, d]
+    m = layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, cfg.norm_eps)                # [B, N, d]
+    return x + linear(quick_gelu(linear(m, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
 
 
 class VisionTower:
@@ -107,16 +105,12 @@ class VisionTower:
         g = GGUFFile(path)
         cfg = ClipConfig.from_gguf(g)
         mat = load_matrix or (lambda t: t.numpy())
-        vec = lambda name: g.tensor(name).numpy()  # noqa: E731
-        blk = lambda i, n: f"v.blk.{i}.{n}"  # noqa: E731
-        layers = [ClipLayer(vec(blk(i, "ln1.weight")), vec(blk(i, "ln1.bias")),
-                            mat(g.tensor(blk(i, "attn_q.weight"))), vec(blk(i, "attn_q.bias")),
-                            mat(g.tensor(blk(i, "attn_k.weight"))), vec(blk(i, "attn_k.bias")),
-                            mat(g.tensor(blk(i, "attn_v.weight"))), vec(blk(i, "attn_v.bias")),
-                            mat(g.tensor(blk(i, "attn_out.weight"))), vec(blk(i, "attn_out.bias")),
-                            vec(blk(i, "ln2.weight")), vec(blk(i, "ln2.bias")),
-                            mat(g.tensor(blk(i, "ffn_up.weight"))), vec(blk(i, "ffn_up.bias")),
-                            mat(g.tensor(blk(i, "ffn_down.weight"))), vec(blk(i, "ffn_down.bias")))
+        vec = lambda name: g.tensor(name).numpy()  # noqa: E731 (norms, biases, embeddings stay float32)
+
+        def tensor(name):
+            t = g.tensor(name)
+            return mat(t) if name.endswith(".weight") and len(t.shape) == 2 else t.numpy()
+        layers = [ClipLayer(**{f: tensor(f"v.blk.{i}.{n}") for f, n in TENSOR_NAMES.items()})
                   for i in range(cfg.n_layers)]
         patch = vec("v.patch_embd.weight")                               # [d, 3, p, p]
         proj = mat(g.tensors["v.visual_proj.weight"]) if "v.visual_proj.weight" in g.tensors else None
@@ -127,23 +121,26 @@ class VisionTower:
         return tower
 
     def embed(self, pixels):  # [B, 3, 224, 224] -> [B, 1 + n_patches, d]: the input of block 0
-        x = linear(patchify(pixels, self.cfg.patch_size), self.patch_w)          # [B, 196, d]
+        pixels = np.asarray(pixels, np.float32)
+        x = linear(patchify(pixels, self.cfg.patch_size), self.patch_w)          # [B, n_patches, d]
         cls_tok = np.broadcast_to(self.class_embd, (x.shape[0], 1, x.shape[2]))  # [B, 1, d]
-        x = np.concatenate([cls_tok, x], axis=1) + self.pos_embd                 # [B, 197, d]
-        return layer_norm(x, *self.pre_ln, self.cfg.eps)
+        x = np.concatenate([cls_tok, x], axis=1) + self.pos_embd                 # [B, 1 + n_patches, d]
+        return layer_norm(x, *self.pre_ln, self.cfg.norm_eps)
 
-    def forward(self, pixels, n_layers=None):  # -> hidden states: [input of block 0, output of each block]
-        """All hidden states (n_layers + 1 of [B, 197, d]), as transformers' output_hidden_states numbers them."""
-        hidden = [self.embed(np.asarray(pixels, np.float32))]
-        for L in self.layers[:n_layers]:
-            hidden.append(clip_block(hidden[-1], L, self.cfg))
-        return hidden
+    def forward(self, x, n_layers=None, hidden_states=None):  # [B, 1 + n_patches, d] -> [B, 1 + n_patches, d]
+        """Run the first n_layers blocks (all by default) on the embedded image x (see embed) -> the last
+        block's output. If a list is given, `hidden_states` gets each block's output (as llama.Llama.forward)."""
+        for layer in self.layers[:n_layers]:
+            x = clip_block(x, layer, self.cfg)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x
 
-    def features(self, pixels):  # [B, 3, 224, 224] -> [B, 196, d]
+    def features(self, pixels):  # [B, 3, 224, 224] -> [B, n_patches, d]
         """LLaVA's image feature: hidden state -2 (block 11's output), patches only. Block 12 is never run."""
-        return self.forward(pixels, n_layers=self.cfg.n_layers - 1)[-1][:, 1:]
+        return self.forward(self.embed(pixels), n_layers=self.cfg.n_layers - 1)[:, 1:]
 
     def image_embeds(self, pixels):  # [B, 3, 224, 224] -> [B, projection_dim]
         """CLIP's image embedding: post-LN of the final class token, projected (what CLIP compares to text)."""
-        pooled = layer_norm(self.forward(pixels)[-1][:, 0], *self.post_ln, self.cfg.eps)  # [B, d]
+        pooled = layer_norm(self.forward(self.embed(pixels))[:, 0], *self.post_ln, self.cfg.norm_eps)  # [B, d]
         return linear(pooled, self.visual_proj)
