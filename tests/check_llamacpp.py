@@ -2,6 +2,8 @@
 `pip install llama-cpp-python==0.3.36` compiles llama.cpp, about 25 minutes on two cores.)
 
     python tests/check_llamacpp.py [--projector FILE] [--photos N] [--type q8_0|f32] [--cls reorder|drop] [--json]
+    python tests/check_llamacpp.py --stage 2 [--merged q4_1|q8_0]     # the stage-2 model: its LoRA adapter
+                                                                       # (or merged into a decoder) in llama.cpp
 
 For each photo: export the mmproj (python -m tinyllava.export), load it with SmolLM2's GGUF in llama.cpp's
 multimodal library (mtmd), and compare with tinyllava:
@@ -21,11 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinyllava import weights  # noqa: E402
-from tinyllava.export import export_mmproj  # noqa: E402
+from tinyllava.export import export_decoder, export_mmproj  # noqa: E402
 from tinyllava.decoding import Sampling  # noqa: E402
 from tinyllava.image import open_image, preprocess  # noqa: E402
 from tinyllava.llamacpp import MARKER, LlamaCpp  # noqa: E402
-from tinyllava.model import chat_prompt, default_projector_path, load_llava  # noqa: E402
+from tinyllava.model import chat_prompt, default_projector_path, load_llava, stage2_paths  # noqa: E402
 from tinyllava.projector import Projector  # noqa: E402
 from tinyllava.quant import GGMLType  # noqa: E402
 
@@ -55,12 +57,27 @@ def main():
     ap.add_argument("--type", choices=["q8_0", "f32"], default="q8_0")
     ap.add_argument("--cls", choices=["reorder", "drop"], default="reorder")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1,
+                    help="2: the committed stage-2 model (weights/stage2-*.gguf), its adapter given to llama.cpp")
+    ap.add_argument("--merged", choices=["q4_1", "q8_0"],
+                    help="stage 2: give llama.cpp a decoder with the adapter merged in and quantized again (and "
+                         "tinyllava the same file), instead of the adapter")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:  # llama.cpp reads the 93 MB file once, at load
+    adapter = None
+    if args.stage == 2:
+        args.projector, adapter = stage2_paths()
+    with tempfile.TemporaryDirectory() as tmp:  # llama.cpp reads the files once, at load
         mmproj = export_mmproj(Path(tmp) / "mmproj.gguf", weights.vision_path(), Projector.load(args.projector),
                                GGMLType.Q8_0 if args.type == "q8_0" else GGMLType.F32, args.cls)
-        cpp = LlamaCpp(mmproj)
-    llava = load_llava(args.projector)
+        model = None
+        if args.merged:
+            model = export_decoder(Path(tmp) / "merged.gguf", weights.decoder_path(), adapter,
+                                   GGMLType.Q4_1 if args.merged == "q4_1" else GGMLType.Q8_0)
+            cpp = LlamaCpp(mmproj, model=model)
+            llava = load_llava(args.projector, model)
+        else:
+            cpp = LlamaCpp(mmproj, lora=adapter)
+            llava = load_llava(args.projector, adapter=adapter)
     tok = llava.tok
     rows = []
     for path in photos(args.photos):
@@ -71,7 +88,7 @@ def main():
         cos = cosine(ours_img[shift:], theirs_img[:196 - shift])
         row = {"photo": Path(path).name, "size": img.size, "token_cos_min": float(cos.min()),
                "token_cos_mean": float(cos.mean())}
-        for name, text in [("caption", MARKER), ("question", chat_prompt(tok, QUESTION).replace("<image>", MARKER))]:
+        for name, text in [("caption", MARKER), ("question", chat_prompt(tok, QUESTION, system=llava.system).replace("<image>", MARKER))]:
             ours = llava.complete(llava.embed(text.replace(MARKER, "<image>"), [ours_img])[0], Sampling(N_NEW))[1]
             theirs = cpp.answer(text, theirs_img)
             row[name] = {"tinyllava": tok.decode(ours), "llama.cpp": tok.decode(theirs), "same": ours == theirs,

@@ -153,8 +153,19 @@ def make_gradient():
     print(f"gradient: loss {loss:.4f} over {len(targets)} tokens, |grad| max {np.abs(grad).max():.3e}")
 
 
+def make_weight_gradient():
+    """Weight gradients of the real decoder (transformers' autograd), rows 0..63 of each (the file stays small)."""
+    from test_backward import WEIGHT_NAMES, real_example
+    from tinyllava.model import load_decoder
+    model, tok = load_decoder()
+    x, at, targets = real_example(model, tok)
+    loss, grads = ref.hf_weight_grads(x, at, targets, WEIGHT_NAMES)
+    np.savez_compressed(REF / "weight_gradient.npz", **{name: g[:64] for name, g in grads.items()})
+    print(f"weight gradients: {len(grads)} weights, loss {loss:.4f}")
+
+
 PARTS = {"tokenizer": make_tokenizer, "decoder": make_decoder, "generation": make_generation,
-         "vision": make_vision, "gradient": make_gradient}
+         "vision": make_vision, "gradient": make_gradient, "weight_gradient": make_weight_gradient}
 
 if __name__ == "__main__":
     REF.mkdir(exist_ok=True)

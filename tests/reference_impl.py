@@ -98,24 +98,28 @@ def vision_activations(pixels):
 
 
 # -- torch autograd on the same numbers: the gradient reference ------------------------------------------
-def torch_decoder_loss(model, x, at, targets, positions, mask):
+def torch_decoder_loss(model, x, at, targets, positions, mask, weights=None):
     """The decoder's summed next-token loss written in torch ops on tinyllava's own weights (GGUF layout: RoPE
     on adjacent pairs), so autograd gives the gradient tinyllava's hand-written backward must reproduce.
-    x [B, T, d] (NumPy); at, targets [N]; positions [T] or [B, T]; mask [B or 1, 1, T, S] bool.
+    x [B, T, d] (NumPy, or a torch tensor built from leaves); at, targets [N]; positions [T] or [B, T]; mask
+    [B or 1, 1, T, S] bool; weights: {GGUF name: torch tensor} to use instead of the model's own (leaves whose
+    .grad the caller reads, or expressions of them).
     -> (loss: torch scalar, x: the torch leaf whose .grad the caller reads after loss.backward())"""
     import torch
     cfg = model.cfg
-    dt = torch.float64 if x.dtype == np.float64 else torch.float32
+    dt = torch.float64 if model.norm.dtype == np.float64 else torch.float32
     T_ = lambda a: torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
-    xt = T_(x).requires_grad_(True)
-    B, T, d = x.shape
+    named = model.named_weights()
+    W = lambda name: weights[name] if weights and name in weights else T_(named[name])  # noqa: E731
+    xt = x if isinstance(x, torch.Tensor) else T_(x).requires_grad_(True)
+    B, T, d = xt.shape
     hd, H, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     freqs = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     ang = torch.as_tensor(np.asarray(positions), dtype=torch.float64)[..., None] * freqs
     cos, sin = torch.cos(ang).to(torch.float32).to(dt)[..., None, :], torch.sin(ang).to(torch.float32).to(dt)[..., None, :]
 
     def rms(v, w):
-        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + cfg.norm_eps) * T_(w)
+        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + cfg.norm_eps) * w
 
     def rope(v):  # [B, T, h, hd]
         v0, v1 = v[..., 0::2], v[..., 1::2]
@@ -123,19 +127,59 @@ def torch_decoder_loss(model, x, at, targets, positions, mask):
 
     m = torch.as_tensor(np.asarray(mask))
     h = xt
-    for L in model.layers:
-        a = rms(h, L.attn_norm)
-        q = rope((a @ T_(L.wq).T).reshape(B, T, H, hd)).transpose(1, 2)
-        k = rope((a @ T_(L.wk).T).reshape(B, T, Hkv, hd)).transpose(1, 2).repeat_interleave(H // Hkv, 1)
-        v = (a @ T_(L.wv).T).reshape(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    for i in range(cfg.n_layers):
+        w = lambda n: W(f"blk.{i}.{n}.weight")  # noqa: E731
+        a = rms(h, w("attn_norm"))
+        q = rope((a @ w("attn_q").T).reshape(B, T, H, hd)).transpose(1, 2)
+        k = rope((a @ w("attn_k").T).reshape(B, T, Hkv, hd)).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        v = (a @ w("attn_v").T).reshape(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
         s = (q @ k.transpose(-1, -2)) / np.sqrt(hd)
         p = torch.softmax(s.masked_fill(~m, float("-inf")), -1)
-        h = h + (p @ v).transpose(1, 2).reshape(B, T, d) @ T_(L.wo).T
-        f = rms(h, L.ffn_norm)
-        h = h + (torch.nn.functional.silu(f @ T_(L.w_gate).T) * (f @ T_(L.w_up).T)) @ T_(L.w_down).T
-    logits = rms(h.reshape(B * T, d)[torch.as_tensor(at)], model.norm) @ T_(model.embedding).T
+        h = h + (p @ v).transpose(1, 2).reshape(B, T, d) @ w("attn_output").T
+        f = rms(h, w("ffn_norm"))
+        h = h + (torch.nn.functional.silu(f @ w("ffn_gate").T) * (f @ w("ffn_up").T)) @ w("ffn_down").T
+    logits = rms(h.reshape(B * T, d)[torch.as_tensor(at)], W("output_norm.weight")) @ W("token_embd.weight").T
     loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets), reduction="sum")
     return loss, xt
+
+
+def gguf_permute(w, n_head):
+    """transformers' Q/K rows -> the GGUF's (llama.cpp's converter rotates adjacent pairs, not halves)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_weight_grads(x, at, targets, names):
+    """The real decoder in transformers (float32): summed loss at positions `at` of input embeddings x [T, d],
+    and the gradients of the named weights (GGUF names, returned in the GGUF's layout; token_embd.weight's is
+    its part as the output matrix only, since x is given). -> (loss, {name: grad})"""
+    import torch
+    model = decoder()
+    cfg = model.config
+    x = torch.as_tensor(np.asarray(x, np.float32))[None]
+    model.zero_grad()
+    logits = model(inputs_embeds=x).logits[0]
+    loss = torch.nn.functional.cross_entropy(logits[torch.as_tensor(at)], torch.as_tensor(targets), reduction="sum")
+    loss.backward()
+    out = {}
+    for name in names:
+        if name == "token_embd.weight":
+            g = model.lm_head.weight.grad
+        elif name == "output_norm.weight":
+            g = model.model.norm.weight.grad
+        else:
+            _, i, short, _ = name.split(".")
+            g = model.model.layers.get_submodule(f"{i}.{HF_NAMES[short]}").weight.grad
+            if short in ("attn_q", "attn_k"):
+                g = torch.as_tensor(gguf_permute(g.numpy(), cfg.num_attention_heads if short == "attn_q"
+                                                 else cfg.num_key_value_heads))
+        out[name] = g.numpy().copy()
+    model.zero_grad()
+    return float(loss.detach()), out
 
 
 def hf_input_grad(ids_or_x, at, targets):

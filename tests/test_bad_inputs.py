@@ -292,3 +292,39 @@ def test_nothing_is_ever_unpickled():
         for line in text.splitlines():
             if "np.load(" in line and "mmap_mode" not in line:
                 assert "allow_pickle=False" in line, (py, line)
+
+
+def test_stage2_data_and_adapter_errors(tmp_path, tiny_decoder, synthetic_data, projector_576, capsys):
+    """Malformed instruction JSON (the record named), a conversation without an answer, <image> missing or twice,
+    a rank of 0, an adapter for another model, a damaged adapter: one line, exit 2, nothing written."""
+    from tinyllava.llama import Llama
+    src, cache = synthetic_data
+    image = next((src / "images").iterdir())
+    proj = tmp_path / "p.gguf"
+    Projector.init("mlp2x_gelu", 768, Llama.load(tiny_decoder).cfg.dim).save(proj)
+    args = ["--stage", "2", "--out", tmp_path / "run", "--model", tiny_decoder, "--cache", cache, "--steps", "1",
+            "--batch", "1", "--init", proj]
+    turn = lambda who, what: {"from": who, "value": what}  # noqa: E731
+    for records, words in [
+            ('[{"image": "x.png", "conversations": [}]', ["d.json", "line 1"]),
+            ([{"image": str(image), "conversations": [turn("human", "<image>\nHi")]}], ["record 0", "no assistant"]),
+            ([{"image": str(image), "conversations": [turn("human", "Hi"), turn("gpt", "Yo")]}], ["record 0", "<image>"]),
+            ([{"image": str(image), "conversations": [turn("human", "<image><image>"), turn("gpt", "Yo")]}],
+             ["record 0", "<image>"])]:
+        (tmp_path / "d.json").write_text(records if isinstance(records, str) else json.dumps(records))
+        r = run(train.main, *args, "--data", tmp_path / "d.json", capsys=capsys)
+        assert_one_line_error(r[0], r[2], *words)
+        assert not (tmp_path / "run" / "adapter.gguf").exists()
+    (tmp_path / "d.json").write_text(json.dumps(
+        [{"image": str(image), "conversations": [turn("human", "<image>\nHi"), turn("gpt", "Yo")]}]))
+    r = run(train.main, *args, "--data", tmp_path / "d.json", "--lora-rank", "0", capsys=capsys)
+    assert_one_line_error(r[0], r[2], "rank")
+    assert run(train.main, *args, "--data", tmp_path / "d.json", capsys=capsys)[0] == 0
+    adapter = tmp_path / "run" / "adapter.gguf"                      # made for the tiny decoder, not SmolLM2
+    r = run(generate.main, "--image", image, "--projector", projector_576, "--adapter", adapter, "-p", "hi",
+            capsys=capsys)
+    assert_one_line_error(r[0], r[2], "adapter.gguf", "do not fit")
+    (tmp_path / "cut.gguf").write_bytes(adapter.read_bytes()[:200])
+    r = run(generate.main, "--image", image, "--projector", projector_576, "--adapter", tmp_path / "cut.gguf",
+            "-p", "hi", capsys=capsys)
+    assert_one_line_error(r[0], r[2], "cut.gguf", "truncated")

@@ -1,11 +1,14 @@
-"""Reading image-caption data: pairs.jsonl, LLaVA's pretrain JSON, the synthetic set, the feature cache."""
+"""Reading image-caption data: pairs.jsonl, LLaVA's pretrain JSON, img2dataset folders, the synthetic set, the
+feature cache."""
+import hashlib
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tinyllava.data import FeatureCache, clean_caption, load_examples, make_synthetic, read_pairs
+from tinyllava.data import (FeatureCache, clean_caption, listing_sha256, load_examples, make_synthetic,
+                            read_img2dataset, read_pairs)
 from tinyllava.errors import TinyLlavaError
 
 
@@ -67,7 +70,7 @@ def test_synthetic_dataset_says_what_it_draws(tmp_path):
     assert "background" in ex[0].captions[0] and ex[0].captions[0][0].isupper()
 
 
-def test_feature_cache_resumes_and_refuses_other_images(tmp_path, folder):
+def test_feature_cache_resumes_and_is_shared_by_image(tmp_path, folder):
     write_lines(folder, [json.dumps({"image": f"images/{n}.jpg", "captions": ["x"]}) for n in "ab"])
     ex = load_examples(folder)
 
@@ -76,14 +79,76 @@ def test_feature_cache_resumes_and_refuses_other_images(tmp_path, folder):
 
         def features(self, px):
             FakeTower.calls += len(px)
-            return np.ones((len(px), 196, 768), np.float32) * px[:, :1, :1, :1]
+            return np.ones((len(px), 196, 768), np.float32) * px[:, 0, :1, :1]
 
-    cache = FeatureCache(tmp_path / "c", [e.image for e in ex], "tower-x", True, (196, 768))
+    cache = FeatureCache(tmp_path / "c", [e.image for e in ex], True, (196, 768))
     cache.fill(FakeTower(), chunk=1)
     assert FakeTower.calls == 2 and cache.done.all()
-    again = FeatureCache(tmp_path / "c", [e.image for e in ex], "tower-x", True, (196, 768))
+    again = FeatureCache(tmp_path / "c", [e.image for e in ex], True, (196, 768))
     again.fill(FakeTower())
     assert FakeTower.calls == 2  # nothing recomputed
     assert again[1].dtype == np.float32 and again[1].shape == (196, 768)
-    with pytest.raises(TinyLlavaError, match="other images"):
-        FeatureCache(tmp_path / "c", [ex[0].image], "tower-x", True, (196, 768))
+    one = FeatureCache(tmp_path / "c", [ex[1].image], True, (196, 768))  # another dataset shares the files
+    assert one.done.all() and np.array_equal(one[0], again[1])
+    Image.new("RGB", (40, 40)).save(ex[1].image)                        # a changed image is not the same image
+    assert not FeatureCache(tmp_path / "c", [ex[1].image], True, (196, 768)).done.any()
+    assert not list((tmp_path / "c").rglob("*.tmp"))
+
+
+def img2dataset_folder(root, n=(3, 2)):
+    """n[s] images in shard s, laid out as img2dataset writes them: 0000s/KEY.jpg, KEY.txt, KEY.json."""
+    for s, count in enumerate(n):
+        (root / f"{s:05d}").mkdir(parents=True)
+        for i in range(count):
+            key = root / f"{s:05d}" / f"{s * 10000 + i:09d}"
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(key.with_suffix(".jpg"))
+            key.with_suffix(".txt").write_text(f" a red square number {i} \n")
+            key.with_suffix(".json").write_text(json.dumps({"key": key.name, "status": "success"}))
+    return root
+
+
+def test_img2dataset_folder_one_caption_per_image_and_a_split_by_key_hash(tmp_path):
+    root = img2dataset_folder(tmp_path / "cc")
+    ex = read_img2dataset(root, dev_size=2)
+    assert [e.image.relative_to(root).as_posix() for e in ex] == ["00000/000000000.jpg", "00000/000000001.jpg",
+                                                                   "00000/000000002.jpg", "00001/000010000.jpg",
+                                                                   "00001/000010001.jpg"]
+    assert ex[1].captions == ["a red square number 1"]  # stripped, otherwise the alt-text as it is
+    dev = [e.image.stem for e in ex if e.split == "dev"]
+    assert dev == [e.image.stem for e in read_img2dataset(root, split="dev", dev_size=2)] and len(dev) == 2
+    assert {e.split for e in ex} == {"train", "dev"} and len(read_img2dataset(root, "train", dev_size=2)) == 3
+    by_hash = sorted((e.image.stem for e in ex), key=lambda k: hashlib.sha256(k.encode()).digest())
+    assert sorted(dev) == sorted(by_hash[:2])
+    assert len(listing_sha256(root)) == 64 and listing_sha256(root) == listing_sha256(root)
+
+
+def test_load_examples_finds_an_img2dataset_folder_and_joins_sources(tmp_path, folder):
+    root = img2dataset_folder(tmp_path / "cc")
+    assert len(load_examples(root)) == 5 and len(load_examples(root, split="dev")) == 5  # dev_size 300 > 5 images
+    write_lines(folder, [json.dumps({"image": f"images/{n}.jpg", "captions": ["x"], "split": s})
+                         for n, s in (("a", "train"), ("b", "dev"))])
+    both = load_examples([folder, root])
+    assert len(both) == 7 and [e.split for e in both[:2]] == ["train", "dev"] and both[2].image.parent.name == "00000"
+    assert [e.image for e in load_examples(f"{folder},{root}")] == [e.image for e in both]
+    with pytest.raises(TinyLlavaError, match=r"nowhere: no such file"):
+        load_examples([root, tmp_path / "nowhere"])
+
+
+def test_img2dataset_missing_or_empty_caption_stops_or_skips(tmp_path, capsys):
+    root = img2dataset_folder(tmp_path / "cc")
+    (root / "00000" / "000000001.txt").unlink()
+    (root / "00001" / "000010000.txt").write_text("  \n")
+    with pytest.raises(TinyLlavaError, match=r"000000001.jpg: no caption file 000000001.txt"):
+        load_examples(root)
+    (root / "00000" / "000000001.txt").write_text("back")
+    with pytest.raises(TinyLlavaError, match=r"000010000.txt: empty caption"):
+        load_examples(root)
+    ex = load_examples(root, on_error="skip")
+    assert len(ex) == 4 and "000010000.txt: empty caption; skipped" in capsys.readouterr().err
+
+
+def test_a_folder_in_neither_format_is_named(tmp_path):
+    (tmp_path / "x" / "00000").mkdir(parents=True)
+    (tmp_path / "x" / "notes.txt").write_text("hello")
+    with pytest.raises(TinyLlavaError, match=r"x: neither a folder with pairs.jsonl nor an img2dataset folder"):
+        load_examples(tmp_path / "x")

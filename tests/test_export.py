@@ -88,3 +88,35 @@ def test_keys_names_and_types_llama_cpp_requires(setup):
                    for n in names)
     assert g.tensors["v.class_embd"].type == GGMLType.F32 and g.tensors["v.patch_embd.weight"].type == GGMLType.F16
     assert g.tensors["v.blk.0.attn_q.weight"].type == GGMLType.Q8_0
+
+
+def test_a_decoder_quantized_again_without_an_adapter_is_the_original_file(tmp_path):
+    """tinyllava's Q4_1 and Q8_0 quantizers give back SmolLM2's own blocks from their dequantized weights: the
+    re-quantized file holds the same bytes for all 272 tensors, in the same order, with the same metadata."""
+    from tinyllava.export import export_decoder
+    out = export_decoder(tmp_path / "same.gguf", weights.decoder_path())
+    a, b = GGUFFile(weights.decoder_path()), GGUFFile(out)
+    assert list(a.tensors) == list(b.tensors) and a.metadata.keys() == b.metadata.keys()
+    for name, t in a.tensors.items():
+        assert t.type == b.tensors[name].type and np.array_equal(t.data, b.tensors[name].data), name
+
+
+def test_a_merged_decoder_runs_in_the_fused_path_as_the_adapter_did(tmp_path):
+    from conftest import write_tiny_decoder
+    from tinyllava import fused, lora
+    from tinyllava.export import export_decoder
+    from tinyllava.llama import Llama
+    from tinyllava.quant import GGMLType
+    tiny_decoder = write_tiny_decoder(tmp_path / "t.gguf", ffn_dim=64)  # whole blocks of 32
+    model = Llama.load(tiny_decoder)
+    params = lora.attach(model, rank=4, alpha=8.0)
+    for k, v in params.items():
+        if k.endswith("lora_b"):
+            v[...] = np.random.default_rng(len(k)).standard_normal(v.shape) * 0.05
+    lora.save(tmp_path / "a.gguf", model, alpha=8.0)
+    merged = export_decoder(tmp_path / "m.gguf", tiny_decoder, tmp_path / "a.gguf", GGMLType.Q8_0)
+    quantized = Llama.load(merged, load_matrix=fused.QuantMatrix.from_tensor)
+    assert isinstance(quantized.layers[0].wq, fused.QuantMatrix)
+    x = model.embed([[5, 17, 900, 3]])
+    want, got = model.logits(model.forward(x)), quantized.logits(quantized.forward(x))
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()   # Q8_0's rounding of W + s B A

@@ -113,3 +113,61 @@ def test_corrupt_or_truncated_checkpoint_is_refused(synthetic_data, tiny_decoder
     ckpt.write_bytes(bytes(raw[: len(raw) // 2]))
     with pytest.raises(GGUFError, match="truncated|past the end"):
         load_checkpoint(ckpt)
+
+
+# -- stage 2 -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def instructions(synthetic_data, tmp_path_factory):
+    """Instruction JSON files (train and dev) made from the synthetic captions by instruct.py's generators."""
+    from tinyllava import instruct
+    from tinyllava.data import load_examples
+    data, _ = synthetic_data
+    out = tmp_path_factory.mktemp("instruct")
+    for split in ("train", "dev"):
+        convs = instruct.build_from_pairs(load_examples(data, split=split))
+        instruct.write_conversations(out / f"{split}.json", convs, out)
+    return out
+
+
+def stage2_args(instructions, cache, out, model, **extra):
+    """Stage 2 from a (random) projector that fits the tiny decoder."""
+    from tinyllava.llama import Llama
+    Projector.init("mlp2x_gelu", 768, Llama.load(model).cfg.dim, seed=1).save(out.parent / "p.gguf")
+    return run_args([instructions / "train.json"], cache, out, model, **{
+        **dict(stage=2, dev_data=[instructions / "dev.json"], init=out.parent / "p.gguf", lora_rank=4), **extra})
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_stage2_training_lowers_the_loss(synthetic_data, instructions, tiny_decoder, tmp_path, full):
+    _, cache = synthetic_data
+    train(stage2_args(instructions, cache, tmp_path / "run", tiny_decoder, steps=25, lr=1e-2 if not full else 3e-3,
+                      full=full), log=lambda s: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert np.mean([r["loss"] for r in log[-5:]]) < np.mean([r["loss"] for r in log[:5]]) - 0.3
+    assert (tmp_path / "run" / ("decoder.gguf" if full else "adapter.gguf")).exists()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_stage2_resume_after_sigkill_is_exact(synthetic_data, instructions, tiny_decoder, tmp_path, full):
+    _, cache = synthetic_data
+    cmd = lambda out: [sys.executable, "-m", "tinyllava.train", "--stage", "2", "--data",  # noqa: E731
+                       str(instructions / "train.json"), "--dev-data", str(instructions / "dev.json"),
+                       "--cache", str(cache), "--out", str(out), "--model", str(tiny_decoder), "--batch", "2",
+                       "--steps", "8", "--checkpoint-every", "1", "--eval-every", "4", "--dev-images", "2",
+                       "--init", str(tmp_path / "p.gguf"), "--lora-rank", "2"] + (["--full"] if full else [])
+    from tinyllava.llama import Llama
+    Projector.init("mlp2x_gelu", 768, Llama.load(tiny_decoder).cfg.dim, seed=1).save(tmp_path / "p.gguf")
+    assert subprocess.run(cmd(tmp_path / "whole"), capture_output=True, timeout=600).returncode == 0
+    for _ in range(2):
+        p = subprocess.Popen(cmd(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before, deadline = steps_logged(tmp_path / "killed"), time.time() + 120
+        while p.poll() is None and steps_logged(tmp_path / "killed") < before + 2 and time.time() < deadline:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    r = subprocess.run(cmd(tmp_path / "killed"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a, b = (load_checkpoint(tmp_path / r / "checkpoint.gguf") for r in ("whole", "killed"))
+    assert a[1].keys() == b[1].keys() and any(k.endswith(".lora_a") or k.startswith("blk.") for k in a[1])
+    for k in a[1]:
+        assert np.array_equal(a[1][k], b[1][k]) and np.array_equal(a[3][k], b[3][k]), k

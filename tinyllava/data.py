@@ -1,10 +1,12 @@
 """Image-caption data for stage 1, and the cache that runs the vision tower once per image.
 
-Three sources, all read into a list of Example(image path, captions):
+Four sources, all read into a list of Example(image path, captions):
   - a folder with pairs.jsonl, one line per image: {"image": "images/x.jpg", "captions": [...], "split": "train"}
   - LLaVA's pretraining JSON (blip_laion_cc_sbu_558k.json): [{"id", "image", "conversations": [human, gpt]}]
     with the folder its image paths are relative to
+  - an img2dataset folder (output format "files"): 00000/000000000.jpg with its alt-text in 000000000.txt
   - a synthetic set the project makes itself (shapes and colours, captions that say so): `make_synthetic`
+Several sources train together: `load_examples(["flickr8k", "cc3m"])`, or on the command line `--data A,B`.
 
     python -m tinyllava.data synth OUT [--n 200]     # write a synthetic pairs.jsonl folder
     python -m tinyllava.data cache --data DIR         # fill the feature cache ahead of training
@@ -45,7 +47,7 @@ def _bad(where, what, on_error, skipped):
         print(f"warning: {where}: {what}; skipped", file=sys.stderr)
         skipped.append(where)
     else:
-        raise TinyLlavaError(f"{where}: {what} (use --on-error skip to skip such lines)")
+        raise TinyLlavaError(f"{where}: {what} (use --on-error skip to skip such entries)")
 
 
 def read_pairs(folder, split=None, on_error="stop"):
@@ -106,13 +108,82 @@ def read_llava_json(path, image_dir, on_error="stop"):
     return out
 
 
+# -- img2dataset folders (Conceptual Captions) ---------------------------------------------------------------
+IMG2DATASET_IMAGES = (".jpg", ".png", ".webp")  # img2dataset's encode formats
+CC3M_LISTING_SHA256 = "106192d020291da393ea4c817b53e081513dd14f5cd91eef50336613fc223513"
+
+
+def is_img2dataset(folder):
+    """Numbered shard folders (00000/, 00001/, ...) holding KEY.jpg images (and KEY.txt captions)."""
+    return Path(folder).is_dir() and any(p.suffix in IMG2DATASET_IMAGES for p in Path(folder).glob("[0-9]*/*"))
+
+
+def read_img2dataset(folder, split=None, on_error="stop", dev_size=300):
+    r"""An img2dataset folder -> [Example], one per image, its caption the alt-text in KEY.txt beside it.
+
+    The alt-text is kept as it is but for surrounding whitespace; the KEY.json metadata is not read. An image
+    without its .txt, or with an empty one, stops, or is skipped and reported. The split depends on the keys
+    alone: the dev_size images with the smallest sha256 of their key (the string, e.g. b"000000000") are "dev",
+    the rest "train", on any machine and in any file order.
+
+    The Conceptual Captions subset used here (18,643 CC3M images, 256x256, in 5 shards) is the folder data/ of a
+    public repository at one commit (deleted in the next). Those images are 99% of the repository's history, so
+    a plain clone (~400 MB) is the way; `--filter=blob:none` would save nothing.
+
+        git clone https://github.com/heon01px2020/csci1470-prismer-final-project.git prismer
+        mkdir -p data/cc3m
+        git -C prismer archive e059e1606aef04521e399c2b421438a46658a018 data |
+            tar -x -C data/cc3m --strip-components=1
+
+    Check it: listing_sha256("data/cc3m") == CC3M_LISTING_SHA256, or in a shell (the same number):
+        (cd data/cc3m && find . -type f \( -name '*.jpg' -o -name '*.txt' \) -printf '%P\n' | LC_ALL=C sort |
+            xargs -d '\n' sha256sum) | sha256sum
+    """
+    out, skipped = [], []
+    for image in sorted(p for p in Path(folder).glob("[0-9]*/*") if p.suffix in IMG2DATASET_IMAGES):
+        txt = image.with_suffix(".txt")
+        try:
+            caption = txt.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            _bad(str(image), f"no caption file {txt.name} beside it", on_error, skipped)
+            continue
+        except (OSError, UnicodeDecodeError) as e:
+            _bad(str(txt), f"unreadable caption ({type(e).__name__}: {e})", on_error, skipped)
+            continue
+        if not caption:
+            _bad(str(txt), "empty caption", on_error, skipped)
+            continue
+        out.append(Example(image, [caption], "train"))
+    for i in sorted(range(len(out)), key=lambda i: hashlib.sha256(out[i].image.stem.encode()).digest())[:dev_size]:
+        out[i].split = "dev"
+    return [e for e in out if not split or e.split == split]
+
+
+def listing_sha256(folder):
+    """sha256 of `sha256sum`'s lines ("HASH  00000/000000000.jpg") for every .jpg and .txt, sorted by path."""
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".jpg", ".txt"))
+    lines = "".join(f"{hashlib.sha256((folder / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def load_examples(data, images=None, split=None, on_error="stop"):
-    """--data DIR|pairs.jsonl (with --split) or --data llava.json --images DIR."""
+    """--data DIR|pairs.jsonl (with --split), an img2dataset DIR, or llava.json --images DIR; or a list of these
+    (or one string "A,B") -> the examples of each, one source after another, each keeping its own split."""
+    if isinstance(data, str) and "," in data and not Path(data).exists():
+        data = [d for d in data.split(",") if d]
+    if isinstance(data, (list, tuple)):
+        return [e for d in data for e in load_examples(d, images, split, on_error)]
     data = Path(data)
     if data.suffix == ".json":
         if images is None:
             raise TinyLlavaError(f"{data}: a LLaVA JSON needs --images, the folder its image paths start from")
         examples = read_llava_json(data, images, on_error)
+    elif data.is_dir() and not (data / "pairs.jsonl").exists():
+        if not is_img2dataset(data):
+            raise TinyLlavaError(f"{data}: neither a folder with pairs.jsonl nor an img2dataset folder "
+                                 f"(numbered shard folders of KEY.jpg with KEY.txt)")
+        examples = read_img2dataset(data, split, on_error)
     else:
         examples = read_pairs(data, split, on_error)
     if not examples:
@@ -170,65 +241,55 @@ def make_synthetic(out, n=200, seed=0, dev_fraction=0.2):
 
 # -- the feature cache -----------------------------------------------------------------------------------
 class FeatureCache:
-    """LLaVA image features [n_patches, d] of a list of images, float16 in a memory-mapped .npy, computed once.
+    """LLaVA image features [n_patches, d] of a list of images, computed once by the vision tower and kept as one
+    float16 .npy per image. The files live in a folder named by the tower and the preprocessing, each named by
+    its image (path, size, modification time), so every dataset that holds an image shares its features, and a
+    changed image is computed again. A file appears whole or not at all (written aside, then renamed), so a
+    killed fill loses at most the image it was on, and several processes may fill one folder at once."""
 
-    Filled in chunks: a chunk's rows are flushed to disk before they are marked done, so a killed run loses at
-    most one chunk and resumes where it stopped."""
-
-    def __init__(self, folder, images, tower_id, pad, shape):  # shape: one image's features, (n_patches, d)
-        self.folder, self.images = Path(folder), [str(p) for p in images]
+    def __init__(self, folder, images, pad, shape):  # shape: one image's features, (n_patches, d)
+        self.folder, self.images, self.pad, self.shape = Path(folder), [str(p) for p in images], pad, tuple(shape)
         self.folder.mkdir(parents=True, exist_ok=True)
-        index = {"images": self.images, "tower": tower_id, "pad": pad, "shape": list(shape)}
-        index_path, feat_path, done_path = (self.folder / n for n in ("index.json", "features.npy", "done.npy"))
-        if index_path.exists():
-            try:
-                same = json.loads(index_path.read_text()) == index
-            except (OSError, json.JSONDecodeError):
-                same = False
-            if not same:
-                raise TinyLlavaError(f"{self.folder}: this feature cache was made for other images or another "
-                                     f"vision tower; delete it or pass another --cache")
-        else:
-            from numpy.lib.format import open_memmap
-            open_memmap(feat_path, "w+", np.float16, (len(images), *shape)).flush()
-            np.save(done_path, np.zeros(len(images), bool))
-            tmp = index_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(index))
-            os.replace(tmp, index_path)  # written last: an index means the files beside it are complete
-        self.pad = pad
-        self.features = np.load(feat_path, mmap_mode="r+")      # [N, n_patches, d] float16
-        self.done = np.load(done_path, allow_pickle=False)       # [N] bool
-        self._done_path = done_path
+        self.files = [self.folder / k[:2] / f"{k}.npy" for k in map(image_key, self.images)]
+        self.done = np.array([f.exists() for f in self.files], bool)   # [N]
 
     @classmethod
     def for_examples(cls, examples, tower_path, pad=True, cache=None):
-        """The cache for these images and this vision tower: a folder named by a hash of both."""
+        """The cache of these images' features by this vision tower (default folder: ~/.cache/tinyllava)."""
         from .gguf import GGUFFile
         from .vit import ClipConfig
         from .weights import sha256_file
         cfg = ClipConfig.from_gguf(GGUFFile(tower_path))
-        tower_id = sha256_file(tower_path)
-        key = hashlib.sha256(json.dumps([tower_id, pad, [str(e.image) for e in examples]]).encode()).hexdigest()
-        return cls(Path(cache or CACHE_DIR / "features") / key[:16], [e.image for e in examples], tower_id, pad,
-                   shape=(cfg.n_patches, cfg.dim))
+        key = hashlib.sha256(json.dumps([sha256_file(tower_path), pad]).encode()).hexdigest()[:16]
+        return cls(Path(cache or CACHE_DIR / "features") / key, [e.image for e in examples], pad,
+                   (cfg.n_patches, cfg.dim))
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):  # -> [n_patches, d] float32
         if not self.done[i]:
-            raise TinyLlavaError(f"feature cache {self.folder}: image {i} not computed yet")
-        return self.features[i].astype(np.float32)
+            raise TinyLlavaError(f"feature cache {self.folder}: {self.images[i]} not computed yet")
+        return np.load(self.files[i], allow_pickle=False).astype(np.float32)
 
-    def fill(self, tower, chunk=16, on_error="stop"):
-        """Compute the missing rows with the vision tower (tqdm progress). An unreadable image stops, or is
-        skipped (its row stays missing) with on_error='skip'. -> indices that could not be read"""
+    def put(self, i, features):  # [n_patches, d] -> the image's file, atomically
+        self.files[i].parent.mkdir(exist_ok=True)
+        tmp = self.files[i].with_name(f".{self.files[i].name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(features, np.float16))
+        os.replace(tmp, self.files[i])
+        self.done[i] = True
+
+    def fill(self, tower, chunk=16, on_error="stop", share=(0, 1)):
+        """Compute the missing images with the vision tower (tqdm progress), `chunk` at a time; share=(k, n):
+        only every n-th missing image from the k-th (n processes filling one cache). An unreadable image stops,
+        or is skipped (it stays missing) with on_error='skip'. -> indices that could not be read"""
         from tqdm import tqdm
 
         from .image import preprocess
-        todo, failed = np.nonzero(~self.done)[0], []
-        with tqdm(total=len(self), initial=len(self) - len(todo), desc="image features", unit="img",
-                  file=sys.stderr, dynamic_ncols=True, disable=None) as bar:
+        todo, failed = np.nonzero(~self.done)[0][share[0]::share[1]], []
+        with tqdm(total=len(todo), desc="image features", unit="img", file=sys.stderr, dynamic_ncols=True,
+                  disable=None) as bar:
             for s in range(0, len(todo), chunk):
                 idx, pixels = [], []
                 for i in todo[s:s + chunk]:
@@ -241,14 +302,16 @@ class FeatureCache:
                         print(f"warning: {e}; skipped", file=sys.stderr)
                         failed.append(int(i))
                 if idx:
-                    self.features[idx] = tower.features(np.stack(pixels)).astype(np.float16)
-                    self.features.flush()
-                    self.done[idx] = True
-                    tmp = self._done_path.with_suffix(".tmp.npy")
-                    np.save(tmp, self.done)
-                    os.replace(tmp, self._done_path)
+                    for i, f in zip(idx, tower.features(np.stack(pixels))):
+                        self.put(i, f)
                 bar.update(len(todo[s:s + chunk]))
         return failed
+
+
+def image_key(path):  # an image file -> its name in the cache: its path, size and modification time, hashed
+    st = os.stat(path) if os.path.exists(path) else None
+    ident = [str(Path(path).resolve()), st.st_size if st else None, st.st_mtime_ns if st else None]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
 
 
 def main(argv=None):
@@ -260,7 +323,8 @@ def main(argv=None):
     s.add_argument("--n", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("cache", help="compute the image features of a dataset ahead of training")
-    c.add_argument("--data", required=True, help="folder with pairs.jsonl, or a LLaVA pretrain JSON")
+    c.add_argument("--data", required=True,
+                   help="folder with pairs.jsonl, an img2dataset folder, or a LLaVA pretrain JSON; A,B for several")
     c.add_argument("--images", help="image folder of a LLaVA JSON")
     c.add_argument("--cache", help=f"cache folder (default {CACHE_DIR / 'features'})")
     c.add_argument("--crop", action="store_true", help="centre-crop instead of padding to a square")

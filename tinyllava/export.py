@@ -1,8 +1,14 @@
-"""Export the vision tower and a trained projector as one mmproj GGUF that llama.cpp's multimodal loader (mtmd)
-runs beside the SmolLM2 GGUF.
+"""Export what tinyllava trains as files llama.cpp runs: the vision tower and a projector as one mmproj GGUF
+(for llama.cpp's multimodal loader, mtmd), and a stage-2 decoder with its adapter merged in.
 
     python -m tinyllava.export --mmproj tinyllava-mmproj.gguf [--projector FILE] [--type q8_0|f16|f32]
     llama-mtmd-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --mmproj tinyllava-mmproj.gguf --image cat.jpg -p "..."
+    python -m tinyllava.export --decoder merged.gguf --adapter weights/stage2-lora.gguf [--decoder-type q4_1|q8_0]
+
+A stage-2 LoRA adapter needs no export: tinyllava writes it in llama.cpp's own adapter format
+(`llama-mtmd-cli ... --lora weights/stage2-lora.gguf`). The merged decoder (W + s B A in every adapted matrix,
+or a --full run's decoder.gguf) is quantized again with tinyllava's own quantizers (quant.py): the embedding
+Q8_0 and the other matrices Q4_1 as in the original file, or all Q8_0; norms stay float32.
 
 What llama.cpp (as vendored in llama-cpp-python 0.3.36) computes, and how this file makes it tinyllava's:
 - feature layer: `clip.vision.feature_layer = [11]` makes it run blocks 0..10 and take their output: LLaVA's
@@ -67,10 +73,42 @@ def export_mmproj(out, tower_path, proj, qtype=GGMLType.Q8_0, cls="reorder"):
     return write_gguf(out, meta, tensors, types=types)
 
 
+def export_decoder(out, decoder_path, adapter=None, matrices=GGMLType.Q4_1):
+    """The decoder (with the adapter merged, if one is given) quantized again: token_embd Q8_0, the other
+    matrices `matrices`, the norms float32; the metadata and tensor order of the original file."""
+    from . import lora, quant
+    from .gguf import GGUFTensor
+    from .llama import Llama
+    decoder = Llama.load(decoder_path)
+    if adapter:
+        lora.load(adapter, decoder)
+    tensors = {}
+    for name, w in decoder.named_weights().items():
+        w = w.merged() if isinstance(w, lora.LoRA) else w
+        if w.ndim == 1:
+            tensors[name] = np.ascontiguousarray(w, np.float32)
+            continue
+        qtype = GGMLType.Q8_0 if name == "token_embd.weight" else matrices
+        tensors[name] = GGUFTensor(name, qtype, w.shape, quant.quantize(w, qtype))
+    g = decoder.gguf
+    meta = {**g.metadata, "general.file_type": {GGMLType.Q4_1: 3, GGMLType.Q8_0: 7}[matrices]}
+    if adapter:
+        meta["general.name"] = f"{g.get('general.name', 'decoder')} + tinyllava stage-2 LoRA (merged)"
+    order = {name: i for i, name in enumerate(g.tensors)}
+    return write_gguf(out, meta, dict(sorted(tensors.items(), key=lambda t: order.get(t[0], len(order)))),
+                      types=g.types)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tinyllava.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mmproj", required=True, help="output GGUF")
+    ap.add_argument("--mmproj", help="output: the vision tower and projector as one GGUF")
+    ap.add_argument("--decoder", help="output: the decoder with --adapter merged in, quantized again")
+    ap.add_argument("--adapter", help="a stage-2 LoRA adapter GGUF to merge into the decoder")
+    ap.add_argument("--model", help="the decoder GGUF to start from (default: the fetched SmolLM2; a --full run's "
+                                    "decoder.gguf)")
+    ap.add_argument("--decoder-type", choices=["q4_1", "q8_0"], default="q4_1",
+                    help="the merged decoder's matrices (the embedding is always Q8_0, as in SmolLM2's file)")
     ap.add_argument("--projector", help="projector GGUF (default: weights/projector.gguf)")
     ap.add_argument("--type", choices=["q8_0", "f16", "f32"], default="q8_0",
                     help="matrix type: q8_0 keeps the 8-bit weights (smallest); f32 makes llama.cpp compute in f32")
@@ -79,11 +117,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     with cli_errors("tinyllava.export"):
         from .model import default_projector_path
-        from .weights import vision_path
-        proj = Projector.load(args.projector or default_projector_path())
-        qtype = {"q8_0": GGMLType.Q8_0, "f16": GGMLType.F16, "f32": GGMLType.F32}[args.type]
-        out = export_mmproj(args.mmproj, vision_path(), proj, qtype, args.cls)
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+        from .weights import decoder_path, vision_path
+        if not args.mmproj and not args.decoder:
+            raise TinyLlavaError("nothing to write: give --mmproj and/or --decoder")
+        outs = []
+        if args.mmproj:
+            proj = Projector.load(args.projector or default_projector_path())
+            qtype = {"q8_0": GGMLType.Q8_0, "f16": GGMLType.F16, "f32": GGMLType.F32}[args.type]
+            outs.append(export_mmproj(args.mmproj, vision_path(), proj, qtype, args.cls))
+        if args.decoder:
+            outs.append(export_decoder(args.decoder, args.model or decoder_path(), args.adapter,
+                                       {"q4_1": GGMLType.Q4_1, "q8_0": GGMLType.Q8_0}[args.decoder_type]))
+        for out in outs:
+            print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
 
 
 if __name__ == "__main__":

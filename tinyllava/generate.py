@@ -57,7 +57,11 @@ def parser():
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     ap.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling")
     ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--projector", help="projector GGUF (default: weights/projector.gguf, trained here)")
+    ap.add_argument("--stage", type=int, choices=[1, 2],
+                    help="which committed model: 2, tuned on instructions (the default when weights/stage2-*.gguf "
+                         "are there), or 1, the projector aligned on captions alone")
+    ap.add_argument("--projector", help="projector GGUF (default: the --stage model's)")
+    ap.add_argument("--adapter", help="stage-2 LoRA adapter GGUF (default: the --stage 2 model's)")
     ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                     help="keep the weights quantized and dequantize inside each product (tinyllava/fused.py; "
@@ -73,7 +77,7 @@ def main(argv=None):
     with cli_errors("tinyllava.generate"):
         from . import fused, trace
         from .image import preprocess
-        from .model import IMAGE, Chat, Llava, load_decoder, load_llava
+        from .model import IMAGE, Chat, Llava, load_decoder, load_llava, stage2_paths
         sampling = Sampling(args.n_predict, args.temp, args.top_k, args.top_p, args.seed).check()
         if args.prompt is not None:
             check_text(args.prompt)
@@ -88,14 +92,20 @@ def main(argv=None):
             images = [demo_photos()["astronaut.png"]]  # a person: Flickr8k's domain (see README)
             print(f"(no --image given: captioning the demo photo {images[0]})", file=sys.stderr)
         pixels = [preprocess(p, pad=not args.crop) for p in images]  # bad images fail before anything loads
+        projector, adapter = args.projector, args.adapter
+        stage = args.stage or (2 if images and all(p.exists() for p in stage2_paths()) else 1)
+        if stage == 2 and not projector and not adapter:  # (text alone: SmolLM2 itself, unless asked)
+            projector, adapter = stage2_paths()
         if images:
-            llava = load_llava(args.projector, args.model, load_matrix=load_matrix)
+            llava = load_llava(projector, args.model, load_matrix=load_matrix, adapter=adapter)
             tokens = [trace.image_tokens(llava, p, pad=not args.crop) if args.trace else
                       llava.image_tokens(px[None])[0] for p, px in zip(images, pixels)]   # [196, d] each
             if use_fused:  # the vision tower's work is done: give its pages back before the prompt
                 llava.tower.gguf.release()
         else:
             llava, tokens = Llava(*load_decoder(args.model, load_matrix=load_matrix)), []
+            if adapter:  # text only: the stage-2 language model, without the vision side
+                llava = load_llava(projector, args.model, tower=False, load_matrix=load_matrix, adapter=adapter)
         observe = lambda: trace.decoding(llava.tok, args.temp) if args.trace else {}  # noqa: E731
         t1 = time.perf_counter()
         count = 0

@@ -132,7 +132,7 @@ def qkv(a, layer, cfg, cos, sin):  # [B, T, d] (normalized) -> q [B, T, H, hd], 
     return q, k, v
 
 
-def attention_layer(a, layer, cfg, cos, sin, mask, cache=None, i=0):  # [B, T, d] -> [B, T, d]
+def attention_layer(a, layer, cfg, cos, sin, mask, cache=None, i=0, saved=None):  # [B, T, d] -> [B, T, d]
     B, T, _ = a.shape
     q, k, v = qkv(a, layer, cfg, cos, sin)
     if cache is not None and cache.k.shape[1] == B:  # append to the cache, attend over everything in it
@@ -142,15 +142,18 @@ def attention_layer(a, layer, cfg, cos, sin, mask, cache=None, i=0):  # [B, T, d
     elif cache is not None:  # one cached prefix shared by B continuations (left unchanged)
         pk, pv = (np.broadcast_to(c[i, :, :cache.length], (B, cache.length, *k.shape[2:])) for c in (cache.k, cache.v))
         k, v = np.concatenate([pk, k], axis=1), np.concatenate([pv, v], axis=1)           # [B, S, Hkv, hd]
-    return linear(attention(q, k, v, mask).reshape(B, T, -1), layer.wo)                  # [B, T, d]
+    o = attention(q, k, v, mask, saved).reshape(B, T, -1)                                # [B, T, H*hd]
+    if saved is not None:
+        saved.update(q=q, k=k, v=v, o=o)
+    return linear(o, layer.wo)                                                           # [B, T, d]
 
 
-def attention_layer_backward(dy, a, layer, cfg, cos, sin, mask, need_dw=False):  # [B, T, d] -> da [B, T, d], dws
+def attention_layer_backward(dy, a, layer, cfg, cos, sin, mask, need_dw=False, saved=None):  # -> da [B, T, d], dws
     B, T, _ = a.shape
-    q, k, v = qkv(a, layer, cfg, cos, sin)                                                # recomputed
-    o = attention(q, k, v, mask).reshape(B, T, -1) if need_dw else None                  # [B, T, H*hd]
+    q, k, v = (saved["q"], saved["k"], saved["v"]) if saved else qkv(a, layer, cfg, cos, sin)
+    o = saved["o"] if saved else attention(q, k, v, mask).reshape(B, T, -1) if need_dw else None  # [B, T, H*hd]
     do, d_wo = linear_backward(dy, o, layer.wo, need_dw)
-    dq, dk, dv = attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), q, k, v, mask)
+    dq, dk, dv = attention_backward(do.reshape(B, T, cfg.n_heads, cfg.head_dim), q, k, v, mask, saved)
     dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
     da_q, d_wq = linear_backward(dq.reshape(B, T, -1), a, layer.wq, need_dw)
     da_k, d_wk = linear_backward(dk.reshape(B, T, -1), a, layer.wk, need_dw)
@@ -158,23 +161,26 @@ def attention_layer_backward(dy, a, layer, cfg, cos, sin, mask, need_dw=False): 
     return da_q + da_k + da_v, dict(wq=d_wq, wk=d_wk, wv=d_wv, wo=d_wo)
 
 
-def block(x, layer, cfg, cos, sin, mask, cache=None, i=0, mids=None):  # [B, T, d] -> [B, T, d]
-    h = x + attention_layer(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer, cfg, cos, sin, mask, cache, i)
-    if mids is not None:  # training keeps the mid-block residual, so the backward need not recompute attention
-        mids.append(h)
-    return h + swiglu(rms_norm(h, layer.ffn_norm, cfg.norm_eps), layer.w_gate, layer.w_up, layer.w_down)
+def block(x, layer, cfg, cos, sin, mask, cache=None, i=0, saved=None):  # [B, T, d] -> [B, T, d]
+    """One block; `saved` (a dict), if given, keeps what the backward needs: the input x, the normalized a and
+    f, the mid-block residual h, and the attention's and the SwiGLU's insides."""
+    a = rms_norm(x, layer.attn_norm, cfg.norm_eps)                                        # [B, T, d]
+    h = x + attention_layer(a, layer, cfg, cos, sin, mask, cache, i, saved)               # [B, T, d]
+    f = rms_norm(h, layer.ffn_norm, cfg.norm_eps)                                         # [B, T, d]
+    if saved is not None:
+        saved.update(x=x, a=a, h=h, f=f)
+    return h + swiglu(f, layer.w_gate, layer.w_up, layer.w_down, saved)
 
 
-def block_backward(dy, x, h, layer, cfg, cos, sin, mask, need_dw=False):
-    """d(block output) [B, T, d], the block's input x and mid residual h -> dx [B, T, d], and with need_dw the
-    gradients of the layer's weights as a dict named like Layer's fields (None where a weight has none)."""
-    f = rms_norm(h, layer.ffn_norm, cfg.norm_eps)                                         # recomputed
-    df, d_ffn = swiglu_backward(dy, f, layer.w_gate, layer.w_up, layer.w_down, need_dw)
+def block_backward(dy, layer, cfg, cos, sin, mask, saved, need_dw=False):
+    """d(block output) [B, T, d] and what the forward saved -> dx [B, T, d], and with need_dw the gradients of
+    the layer's weights as a dict named like Layer's fields (None where a weight has none)."""
+    x, a, h, f = saved["x"], saved["a"], saved["h"], saved["f"]
+    df, d_ffn = swiglu_backward(dy, f, layer.w_gate, layer.w_up, layer.w_down, need_dw, saved)
     d_gate, d_up, d_down = d_ffn or (None,) * 3
     dh_norm, d_ffn_norm = rms_norm_backward(df, h, layer.ffn_norm, cfg.norm_eps, need_dw)
     dh = dy + dh_norm                                                                     # [B, T, d]
-    a = rms_norm(x, layer.attn_norm, cfg.norm_eps)                                        # recomputed
-    da, d_attn = attention_layer_backward(dh, a, layer, cfg, cos, sin, mask, need_dw)
+    da, d_attn = attention_layer_backward(dh, a, layer, cfg, cos, sin, mask, need_dw, saved)
     dx_norm, d_attn_norm = rms_norm_backward(da, x, layer.attn_norm, cfg.norm_eps, need_dw)
     return dh + dx_norm, dict(attn_norm=d_attn_norm, ffn_norm=d_ffn_norm, w_gate=d_gate, w_up=d_up,
                               w_down=d_down, **d_attn)
@@ -219,14 +225,14 @@ class Llama:
             return self.embedding[ids]
         return self.embedding.rows(ids)
 
-    def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None, mids=None):
+    def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None, saved=None):
         """Run the blocks on input embeddings x [B, T, d] -> the last block's output [B, T, d].
 
         With a cache, x continues the sequence the cache holds; a cache of batch 1 under B > 1 sequences is a
         prefix they all share, read but not extended. `valid` [B, S] bool marks real tokens (False: padding).
         `positions` [T] and `mask` [B or 1, 1, T, S] replace the plain causal layout, for several sequences
         packed into one (see model.pack). If lists are given, `hidden_states` gets each block's output and
-        `mids` each block's residual after attention (what the backward needs)."""
+        `saved` a dict per block of what its backward needs (see block)."""
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
         if cache is not None and cache.k.shape[1] == B and start + T > cache.k.shape[2]:
@@ -235,7 +241,10 @@ class Llama:
         mask = causal_mask(T, start, valid) if mask is None else mask
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(self.layers):
-            x = block(x, layer, self.cfg, cos, sin, mask, cache, i, mids)
+            kept = None if saved is None else {}
+            x = block(x, layer, self.cfg, cos, sin, mask, cache, i, kept)
+            if saved is not None:
+                saved.append(kept)
             if hidden_states is not None:
                 hidden_states.append(x)
         if cache is not None and cache.k.shape[1] == B:
@@ -245,14 +254,14 @@ class Llama:
     def logits(self, h):  # [..., d] -> [..., vocab]
         return linear(rms_norm(h, self.norm, self.cfg.norm_eps), self.embedding)
 
-    def backward(self, dh, x, hidden_states, mids, positions, mask, need_dw=False):
-        """d(last block's output) [B, T, d] -> d(x) [B, T, d], and the weight gradients {GGUF name: array}
-        (empty unless need_dw; a weight that has no gradient, a frozen quantized matrix, is left out)."""
+    def backward(self, dh, saved, positions, mask, need_dw=False):
+        """d(last block's output) [B, T, d] and what forward(saved=[]) kept -> d(x) [B, T, d], and the weight
+        gradients {GGUF name: array} (empty unless need_dw; a weight that has no gradient, a frozen quantized
+        matrix, is left out)."""
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        inputs = [x] + hidden_states[:-1]                      # each block's input
         grads = {}
         for i in reversed(range(self.cfg.n_layers)):
-            dh, dws = block_backward(dh, inputs[i], mids[i], self.layers[i], self.cfg, cos, sin, mask, need_dw)
+            dh, dws = block_backward(dh, self.layers[i], self.cfg, cos, sin, mask, saved[i], need_dw)
             for field, dw in dws.items():
                 add_grad(grads, f"blk.{i}.{TENSOR_NAMES[field]}", dw)
         return dh, grads
@@ -262,22 +271,25 @@ class Llama:
 
         x [B, T, d]; at [N]: flat indices into B*T of the positions scored (one may repeat: in a packed sequence
         the last image token predicts the first word of every caption); targets [N]: the token each should
-        predict. -> (summed loss, d(loss)/dx [B, T, d], weight gradients {GGUF name: array}; the embedding's
-        here is only its part as the output matrix: the caller adds dx at the positions of text tokens)."""
+        predict. need_dw: False, True, or the set of weight names wanted (every block's are computed if any
+        is; the embedding's only if named, as it costs a vocab x d product).
+        -> (summed loss, d(loss)/dx [B, T, d], weight gradients {GGUF name: array}; the embedding's here is
+        only its part as the output matrix: the caller adds dx at the positions of text tokens)."""
         B, T, d = x.shape
         positions = np.arange(T) if positions is None else positions
         mask = causal_mask(T) if mask is None else mask
-        hidden, mids = [], []
-        h = self.forward(x, hidden_states=hidden, positions=positions, mask=mask, mids=mids)  # [B, T, d]
+        saved = []
+        h = self.forward(x, positions=positions, mask=mask, saved=saved)            # [B, T, d]
         hs = h.reshape(-1, d)[at]                                                    # [N, d]
         n = rms_norm(hs, self.norm, self.cfg.norm_eps)                               # [N, d]
         logits = linear(n, self.embedding)                                           # [N, vocab]
         loss = cross_entropy(logits, targets)
-        dn, d_embedding = linear_backward(cross_entropy_backward(logits, targets), n, self.embedding, need_dw)
-        dhs, d_norm = rms_norm_backward(dn, hs, self.norm, self.cfg.norm_eps, need_dw)  # [N, d]
+        embedding_dw = need_dw is True or "token_embd.weight" in (need_dw or ())
+        dn, d_embedding = linear_backward(cross_entropy_backward(logits, targets), n, self.embedding, embedding_dw)
+        dhs, d_norm = rms_norm_backward(dn, hs, self.norm, self.cfg.norm_eps, bool(need_dw))  # [N, d]
         dh = np.zeros((B * T, d), h.dtype)
         np.add.at(dh, at, dhs)
-        dx, grads = self.backward(dh.reshape(B, T, d), x, hidden, mids, positions, mask, need_dw)
+        dx, grads = self.backward(dh.reshape(B, T, d), saved, positions, mask, bool(need_dw))
         add_grad(grads, "output_norm.weight", d_norm)
         add_grad(grads, "token_embd.weight", d_embedding)
         return loss, dx, grads

@@ -32,14 +32,16 @@ def no_extra_buffer_types():
 class LlamaCpp:
     """SmolLM2 (and an mmproj, for images) in llama.cpp; the vision tower's attention in float32."""
 
-    def __init__(self, mmproj=None, threads=2, extra_buffer_types=False):
+    def __init__(self, mmproj=None, threads=2, extra_buffer_types=False, model=None, lora=None):
+        """model: a decoder GGUF (default: SmolLM2's); lora: a LoRA adapter GGUF applied on top of it."""
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
         if not extra_buffer_types:
             no_extra_buffer_types()
         self.lc, self.mtmd = llama_cpp, mtmd
-        self.llm = llama_cpp.Llama(model_path=str(weights.decoder_path()), n_ctx=1024, n_batch=512,
-                                   n_threads=threads, n_threads_batch=threads, flash_attn=False, verbose=False)
+        self.llm = llama_cpp.Llama(model_path=str(model or weights.decoder_path()), n_ctx=1024, n_batch=512,
+                                   n_threads=threads, n_threads_batch=threads, flash_attn=False, verbose=False,
+                                   lora_path=str(lora) if lora else None)
         self.ctx = None
         if mmproj is not None:
             p = mtmd.mtmd_context_params_default()

@@ -58,11 +58,12 @@ def caption_ids(tok, captions):  # the plain template's targets: each caption, t
 
 # -- the model ---------------------------------------------------------------------------------------------
 class Llava:
-    def __init__(self, decoder, tokenizer, tower=None, projector=None):
+    def __init__(self, decoder, tokenizer, tower=None, projector=None, system=None):
         self.decoder = decoder      # llama.Llama
         self.tok = tokenizer        # tokenizer.Tokenizer
         self.tower = tower          # vit.VisionTower (None: text only, or features come from a cache)
         self.projector = projector  # projector.Projector
+        self.system = system        # the system turn the model was tuned with (None: the tokenizer's default)
         if projector is not None and projector.d_out != decoder.cfg.dim:
             raise TinyLlavaError(f"the projector makes {projector.d_out}-wide image tokens but the decoder's "
                                  f"embeddings are {decoder.cfg.dim} wide: they do not belong together")
@@ -107,8 +108,9 @@ class Llava:
         return self.complete(image_tokens[None], sampling, on_text, **observe)[0]
 
     def answer(self, question, images=(), history=(), system=None, sampling=Sampling(), on_text=None, **observe):
-        """The reply to `question` about the images (each [196, d]), through the chat template."""
-        x, _ = self.embed(chat_prompt(self.tok, question, len(images), system, history), images)
+        """The reply to `question` about the images (each [196, d]), through the chat template (with the model's
+        own system turn unless `system` is given)."""
+        x, _ = self.embed(chat_prompt(self.tok, question, len(images), system or self.system, history), images)
         return self.complete(x, sampling, on_text, **observe)[0]
 
 
@@ -117,7 +119,7 @@ class Chat:
     between turns, so a turn costs only its own new tokens."""
 
     def __init__(self, llava, images=(), system=None):
-        self.llava, self.images, self.system = llava, list(images), system
+        self.llava, self.images, self.system = llava, list(images), system or llava.system
         self.history = []   # the messages so far
         self.cache = KVCache(llava.decoder.cfg, 1, 256)
         self.text = ""      # the conversation's text so far: in the cache, but for the pending token
@@ -151,30 +153,59 @@ class Chat:
         return answer
 
 
-# -- stage-1 training sequences ----------------------------------------------------------------------------
-def pack(prefix, captions):
-    """One image's training sequence with all its captions packed after it.
+# -- training sequences ------------------------------------------------------------------------------------
+def conversation_ids(tok, turns, system=None):
+    """A conversation about one image, [(question, answer), ...], in the chat template, cut where the image
+    stands. -> (prefix ids: the text before the image; ids after it; targets: True on the tokens the loss
+    scores, each answer and the end token after it). Each prompt is encoded as at inference, up to where the
+    answer starts, and each answer on its own, as the model generates it."""
+    history, said, prefix, ids, targets = [], "", None, [], []
+    end = tok.decode([tok.eos_id])
+    for question, answer in turns:
+        text = chat_prompt(tok, question, 1, system, history)    # the conversation so far, ending "assistant\n"
+        if prefix is None:
+            before, new = text.split(IMAGE)
+            prefix = tok.encode(before)
+        elif text.startswith(said):
+            new = text[len(said):]
+        else:
+            raise TinyLlavaError("the chat template rewrote earlier turns: cannot cut the conversation into turns")
+        prompt, reply = tok.encode(new), tok.encode(answer) + [tok.eos_id]
+        ids += prompt + reply
+        targets += [False] * len(prompt) + [True] * len(reply)
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        said = text + answer + end
+    return prefix, ids, targets
 
-    prefix: [P, d] embeddings (the image tokens, with any text around them); captions: list of id lists,
-    each already ending with the end token. -> (ids [L] (-1 under the prefix), positions [L], mask [1, 1, L, L],
-    at [N], targets [N]): position `at[k]` must predict token `targets[k]`; the prefix's last position
-    predicts the first token of every caption."""
+
+def pack(prefix, segments):
+    """One image's training sequence: the prefix, then every segment packed after it.
+
+    prefix: [P, d] embeddings (the image tokens, with any text before them); segments: list of id lists, each
+    predicting all its tokens (stage 1: a caption ending with the end token), or of (ids, targets) pairs,
+    `targets` marking which tokens the loss scores (stage 2: the answers of a conversation). Each segment sees
+    the prefix and itself only (a block mask) and starts at the position right after the prefix: the same
+    numbers as one sequence per segment, with the prefix computed once.
+    -> (ids [L] (-1 under the prefix), positions [L], mask [1, 1, L, L], at [N], targets [N]): position
+    `at[k]` must predict token `targets[k]`; the prefix's last position predicts each segment's first token."""
     P = len(prefix)
     ids, positions, segment = [np.full(P, -1)], [np.arange(P)], [np.zeros(P, int)]
     at, targets, start = [], [], P
-    for j, cap in enumerate(captions, start=1):
-        n = len(cap)
-        ids.append(np.array(cap))
+    for j, seg in enumerate(segments, start=1):
+        seg_ids, scored = seg if isinstance(seg, tuple) else (seg, [True] * len(seg))
+        n = len(seg_ids)
+        ids.append(np.array(seg_ids))
         positions.append(P + np.arange(n))
         segment.append(np.full(n, j))
-        at += [P - 1] + list(range(start, start + n - 1))  # prefix end, then each caption token but the last
-        targets += cap
+        before = [P - 1] + list(range(start, start + n - 1))  # the position that predicts each token
+        at += [p for p, s in zip(before, scored) if s]
+        targets += [t for t, s in zip(seg_ids, scored) if s]
         start += n
     ids, positions, segment = np.concatenate(ids), np.concatenate(positions), np.concatenate(segment)
     L = len(ids)
-    # query t may see key s if s is in the prefix or in t's own caption, and s comes no later than t
+    # query t may see key s if s is in the prefix or in t's own segment, and s comes no later than t
     mask = ((segment[None, :] == 0) | (segment[None, :] == segment[:, None])) & causal_mask(L)[0, 0]
-    return ids, positions, mask[None, None], np.array(at), np.array(targets)
+    return ids, positions, mask[None, None], np.array(at, int), np.array(targets, int)
 
 
 def collate(samples, prefixes, embed):
@@ -200,9 +231,14 @@ def collate(samples, prefixes, embed):
 
 
 # -- loading -----------------------------------------------------------------------------------------------
-def default_projector_path():
+def default_projector_path():  # the committed stage-1 projector
     from .weights import WEIGHTS_DIR
     return WEIGHTS_DIR / "projector.gguf"
+
+
+def stage2_paths():  # the committed stage-2 model: (its projector, its LoRA adapter)
+    from .weights import WEIGHTS_DIR
+    return WEIGHTS_DIR / "stage2-projector.gguf", WEIGHTS_DIR / "stage2-lora.gguf"
 
 
 def load_decoder(path=None, load_matrix=None):
@@ -213,19 +249,27 @@ def load_decoder(path=None, load_matrix=None):
     return model, Tokenizer.from_gguf(model.gguf)
 
 
-def load_llava(projector=None, decoder=None, tower=True, load_matrix=None):
+def load_llava(projector=None, decoder=None, tower=True, load_matrix=None, adapter=None):
     """The decoder, its tokenizer, the vision tower (unless tower=False) and a trained projector (default: the
-    committed weights/projector.gguf), each fetched or converted on first use."""
+    committed weights/projector.gguf), each fetched or converted on first use; with `adapter`, a stage-2 LoRA
+    GGUF on top of the decoder, and the system turn it was tuned with."""
     from pathlib import Path
 
+    from . import lora
+    from .gguf import GGUFFile
     from .projector import Projector
     from .vit import VisionTower
     from .weights import vision_path
     path = Path(projector) if projector else default_projector_path()
-    if not path.exists():
-        raise TinyLlavaError(f"{path}: no such projector file" + ("" if projector else
-                             "; train one with `python -m tinyllava.train` or pass --projector"))
+    for p, what in ((path, "projector"), (adapter and Path(adapter), "adapter")):
+        if p and not p.exists():
+            raise TinyLlavaError(f"{p}: no such {what} file" + ("" if projector or what == "adapter" else
+                                 "; train one with `python -m tinyllava.train` or pass --projector"))
     proj = Projector.load(path)
     dec, tok = load_decoder(decoder, load_matrix=load_matrix)
+    system = GGUFFile(path).get("tinyllava.system")
+    if adapter:
+        lora.load(adapter, dec)
+        system = GGUFFile(adapter).get("tinyllava.system", system)
     vt = VisionTower.load(vision_path(), load_matrix=load_matrix) if tower else None
-    return Llava(dec, tok, vt, proj)
+    return Llava(dec, tok, vt, proj, system)

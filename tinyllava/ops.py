@@ -1,8 +1,10 @@
 """The primitives both towers are built from, each forward with its backward right below it.
 
 A backward takes the gradient of its forward's output and the forward's own inputs, and returns the gradients
-of those inputs, recomputing what it needs instead of storing it. Weight gradients are computed only when
-asked (`need_dw=True`): stage 1 trains no weight of either tower, stage 2 trains the decoder's.
+of those inputs. What it needs from inside the forward (an activation, attention's probabilities) it
+recomputes, unless the forward kept it in `saved` (a dict the caller passes to both): training keeps them, at
+the cost of memory, to skip the recomputation. Weight gradients are computed only when asked
+(`need_dw=True`): stage 1 trains no weight of either tower, stage 2 trains the decoder's.
 
 Matrices are stored as in a GGUF, (n_out, n_in), so a linear layer is x @ W.T. A matrix may also be an object
 that computes the same products: `w.matmul(x)` = x @ W.T, `dy @ w` = dy @ W, and, if it has trainable parts,
@@ -94,12 +96,15 @@ def gelu_tanh_backward(dy, x):  # [...], [...] -> dx [...]
     return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x))
 
 
-def swiglu(x, w_gate, w_up, w_down):  # [..., d], [f, d], [f, d], [d, f] -> [..., d]
-    return linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)
-
-
-def swiglu_backward(dy, x, w_gate, w_up, w_down, need_dw=False):  # [..., d] -> dx [..., d], (dgate, dup, ddown)
+def swiglu(x, w_gate, w_up, w_down, saved=None):  # [..., d], [f, d], [f, d], [d, f] -> [..., d]
     g, u = linear(x, w_gate), linear(x, w_up)                                           # [..., f] each
+    if saved is not None:
+        saved.update(g=g, u=u)
+    return linear(silu(g) * u, w_down)
+
+
+def swiglu_backward(dy, x, w_gate, w_up, w_down, need_dw=False, saved=None):  # -> dx [..., d], (dgate, dup, ddown)
+    g, u = (saved["g"], saved["u"]) if saved else (linear(x, w_gate), linear(x, w_up))  # [..., f] each
     dh, d_down = linear_backward(dy, silu(g) * u, w_down, need_dw)                      # [..., f]
     dx_gate, d_gate = linear_backward(silu_backward(dh * u, g), x, w_gate, need_dw)     # [..., d]
     dx_up, d_up = linear_backward(dh * silu(g), x, w_up, need_dw)                       # [..., d]
@@ -141,19 +146,22 @@ def attention_probs(qg, kt, mask):  # [B, Hkv, rep*T, hd], [B, Hkv, hd, S], [B, 
     return softmax(scores.astype(qg.dtype, copy=False))
 
 
-def attention(q, k, v, mask):  # [B, T, H, hd], [B, S, Hkv, hd] x2, [B, 1, T, S] bool or None -> [B, T, H, hd]
+def attention(q, k, v, mask, saved=None):  # [B, T, H, hd], [B, S, Hkv, hd] x2, [B, 1, T, S] bool -> [B, T, H, hd]
     """softmax(q k^T / sqrt(hd)) v, head by head; H query heads share H / Hkv key/value heads."""
     B, T, H, hd = q.shape
     qg, kt, vh = heads(q, k, v)
-    out = attention_probs(qg, kt, mask) @ vh                                            # [B, Hkv, rep*T, hd]
+    p = attention_probs(qg, kt, mask)                                                   # [B, Hkv, rep*T, S]
+    if saved is not None:
+        saved["p"] = p
+    out = p @ vh                                                                        # [B, Hkv, rep*T, hd]
     return out.reshape(B, -1, H // kt.shape[1], T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
-def attention_backward(dout, q, k, v, mask):  # [B, T, H, hd] -> dq [B, T, H, hd], dk, dv [B, S, Hkv, hd]
+def attention_backward(dout, q, k, v, mask, saved=None):  # [B, T, H, hd] -> dq [B, T, H, hd], dk, dv [B, S, Hkv, hd]
     B, T, H, hd = q.shape
     qg, kt, vh = heads(q, k, v)
     Hkv = kt.shape[1]
-    p = attention_probs(qg, kt, mask)                                                   # [B, Hkv, rep*T, S]
+    p = saved["p"] if saved else attention_probs(qg, kt, mask)                          # [B, Hkv, rep*T, S]
     do = np.ascontiguousarray(dout.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)).reshape(qg.shape)
     dv = p.swapaxes(-1, -2) @ do                                                        # [B, Hkv, S, hd]
     ds = softmax_backward(do @ vh.swapaxes(-1, -2), p) / math.sqrt(hd)                  # [B, Hkv, rep*T, S]

