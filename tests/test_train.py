@@ -116,25 +116,31 @@ def test_corrupt_or_truncated_checkpoint_is_refused(synthetic_data, tiny_decoder
 
 
 # -- stage 2 -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def instructions(synthetic_data, tmp_path_factory):
+def instructions_in(synthetic_data, out):
     """Instruction JSON files (train and dev) made from the synthetic captions by instruct.py's generators."""
     from tinyllava import instruct
     from tinyllava.data import load_examples
     data, _ = synthetic_data
-    out = tmp_path_factory.mktemp("instruct")
     for split in ("train", "dev"):
         convs = instruct.build_from_pairs(load_examples(data, split=split))
         instruct.write_conversations(out / f"{split}.json", convs, out)
     return out
 
 
-def stage2_args(instructions, cache, out, model, **extra):
-    """Stage 2 from a (random) projector that fits the tiny decoder."""
+@pytest.fixture(scope="module")
+def instructions(synthetic_data, tmp_path_factory):
+    return instructions_in(synthetic_data, tmp_path_factory.mktemp("instruct"))
+
+
+def stage2_projector(model, folder):  # a (random) projector that fits the tiny decoder, as a file
     from tinyllava.llama import Llama
-    Projector.init("mlp2x_gelu", 768, Llama.load(model).cfg.dim, seed=1).save(out.parent / "p.gguf")
+    return Projector.init("mlp2x_gelu", 768, Llama.load(model).cfg.dim, seed=1).save(folder / "p.gguf")
+
+
+def stage2_args(instructions, cache, out, model, **extra):
     return run_args([instructions / "train.json"], cache, out, model, **{
-        **dict(stage=2, dev_data=[instructions / "dev.json"], init=out.parent / "p.gguf", lora_rank=4), **extra})
+        **dict(stage=2, dev_data=[instructions / "dev.json"], init=stage2_projector(model, out.parent), lora_rank=4),
+        **extra})
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -155,8 +161,7 @@ def test_stage2_resume_after_sigkill_is_exact(synthetic_data, instructions, tiny
                        "--cache", str(cache), "--out", str(out), "--model", str(tiny_decoder), "--batch", "2",
                        "--steps", "8", "--checkpoint-every", "1", "--eval-every", "4", "--dev-images", "2",
                        "--init", str(tmp_path / "p.gguf"), "--lora-rank", "2"] + (["--full"] if full else [])
-    from tinyllava.llama import Llama
-    Projector.init("mlp2x_gelu", 768, Llama.load(tiny_decoder).cfg.dim, seed=1).save(tmp_path / "p.gguf")
+    stage2_projector(tiny_decoder, tmp_path)
     assert subprocess.run(cmd(tmp_path / "whole"), capture_output=True, timeout=600).returncode == 0
     for _ in range(2):
         p = subprocess.Popen(cmd(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -251,6 +251,9 @@ class FeatureCache:
         self.folder, self.images, self.pad, self.shape = Path(folder), [str(p) for p in images], pad, tuple(shape)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.files = [self.folder / k[:2] / f"{k}.npy" for k in map(image_key, self.images)]
+        self.refresh()
+
+    def refresh(self):  # which images are computed, on disk now (other processes may have filled some)
         self.done = np.array([f.exists() for f in self.files], bool)   # [N]
 
     @classmethod

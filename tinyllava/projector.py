@@ -106,7 +106,7 @@ class Projector:
         meta = {"general.architecture": "clip", "general.name": f"tinyllava projector ({self.kind})",
                 "clip.has_llava_projector": True, "clip.projector_type": "mlp",
                 "tinyllava.projector": self.kind, **(metadata or {})}
-        write_gguf(path, meta, {FILE_NAMES[k]: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()})
+        return write_gguf(path, meta, {FILE_NAMES[k]: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()})
 
     @classmethod
     def load(cls, path):

@@ -93,15 +93,18 @@ class TrainConfig:
 # -- one step ----------------------------------------------------------------------------------------------
 def batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids=(), micro_batch=1, params=None):
     """Summed loss over the images, the number of scored tokens, and the gradients of the projector's
-    parameters (named "proj.w0", ...) and of the decoder's trained weights (in `params`; none in stage 1).
+    parameters (named "proj.w0", ...) and of the decoder's trained weights (in `params`; none in stage 1), summed
+    in float64.
 
     feats: list of [196, 768]; segments: one list per image, of what model.pack takes (captions, or (ids,
     targets) conversations); prefix_ids: the text before the image (stage 2: the chat template's system and
     user turn)."""
     need_dw = {k for k in params or () if not k.startswith("proj.")}   # the decoder's weights that train
     total, n_tokens = 0.0, 0
-    grads = {k: np.zeros_like(v) for k, v in (params or {}).items()} or \
-        {f"proj.{k}": np.zeros_like(v) for k, v in proj.params.items()}
+    # float64 sums of float32 terms are exact (but for terms 2^29 times apart): the total does not depend on the
+    # order the images are added in, so several processes (parallel.py) give one process's numbers exactly
+    grads = {k: np.zeros(v.shape) for k, v in (params or {}).items()} or \
+        {f"proj.{k}": np.zeros(v.shape) for k, v in proj.params.items()}
     text = decoder.embed(np.asarray(prefix_ids, int))                              # [T0, d]
     for s in range(0, len(feats), micro_batch):
         f = feats[s:s + micro_batch]
@@ -124,19 +127,25 @@ def batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids=(), micro_ba
     return total, n_tokens, grads
 
 
-def train_step(decoder, proj, opt, params, feats, segments, lr, prefix_ids=(), clip=1.0, micro_batch=1):
+def train_step(decoder, proj, opt, params, feats, segments, lr, prefix_ids=(), clip=1.0, micro_batch=1,
+               world=None):
     """One optimizer step: each image and its sequences packed into one, the forward pass, the loss on the
     scored tokens, the backward (into the projector, and the decoder's trained weights), AdamW.
-    params: {name: array} of everything that trains. -> (mean loss per scored token, gradient norm before
-    clipping, scored tokens)"""
+    params: {name: array} of everything that trains; with several processes (`world`, see parallel.py) feats and
+    segments are this rank's share of the step's images, and the sums are taken over all ranks.
+    -> (mean loss per scored token, gradient norm before clipping, scored tokens)"""
     loss, n_tokens, grads = batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids, micro_batch, params)
-    grads, norm = clip_grad_norm({k: g / n_tokens for k, g in grads.items()}, clip)  # mean over scored tokens
+    if world is not None:
+        grads, loss, n_tokens = world.sum(grads, loss, n_tokens)
+    grads = {k: (g / n_tokens).astype(np.float32) for k, g in grads.items()}  # mean over scored tokens
+    grads, norm = clip_grad_norm(grads, clip)
     opt.step(params, grads, lr)
     return loss / n_tokens, norm, n_tokens
 
 
-def dev_loss(decoder, proj, feats, segments, prefix_ids=()):
-    """Mean loss per scored token on dev images (forward only, each image's sequences packed)."""
+def dev_loss(decoder, proj, feats, segments, prefix_ids=(), world=None):
+    """Mean loss per scored token on dev images (forward only, each image's sequences packed); with `world`,
+    over every rank's share."""
     total, n = 0.0, 0
     text = decoder.embed(np.asarray(prefix_ids, int))
     for f, segs in zip(feats, segments):
@@ -146,6 +155,8 @@ def dev_loss(decoder, proj, feats, segments, prefix_ids=()):
         h = decoder.forward(x, positions=positions, mask=mask)[0]
         total += cross_entropy(decoder.logits(h[at]), targets)
         n += len(targets)
+    if world is not None:
+        _, total, n = world.sum({}, total, n)
     return total / n
 
 
@@ -263,12 +274,17 @@ def save_best(cfg, out, decoder, proj, meta):
         lora.save(out / "adapter.gguf", decoder, cfg.lora_alpha, meta)
 
 
-def train(cfg, log=print):
-    """Run (or resume) a training run as the TrainConfig says. -> the projector of the last step"""
+def train(cfg, log=print, world=None):
+    """Run (or resume) a training run as the TrainConfig says; with `world` (parallel.World), as one of its
+    ranks: each takes its share of every step's images, rank 0 writes. -> the projector of the last step"""
     from .instruct import SYSTEM
     from .model import default_projector_path, load_decoder
+    from .parallel import World
     from .weights import vision_path
     cfg.check()
+    world = world or World()
+    writer = world.rank == 0
+    log = log if writer else (lambda s: None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     decoder, tok = load_decoder(cfg.model)
@@ -280,11 +296,13 @@ def train(cfg, log=print):
         raise TinyLlavaError(f"{', '.join(map(str, cfg.data))}: no training examples in split {cfg.split!r}")
     cache = FeatureCache.for_examples([Example(p, []) for p in data.paths], vision_path(), pad=not cfg.crop,
                                       cache=cfg.cache)
-    if not cache.done[train_idx + dev_idx].all():
+    if not cache.done[train_idx + dev_idx].all():  # every rank fills its share, then all read all of it
         from .vit import VisionTower
-        failed = set(cache.fill(VisionTower.load(vision_path()), on_error=cfg.on_error))
-        train_idx = [i for i in train_idx if i not in failed]
-        dev_idx = [i for i in dev_idx if i not in failed]
+        cache.fill(VisionTower.load(vision_path()), on_error=cfg.on_error, share=(world.rank, world.size))
+        world.barrier()
+        cache.refresh()
+        train_idx = [i for i in train_idx if cache.done[i]]  # what could not be read stays missing (--on-error)
+        dev_idx = [i for i in dev_idx if cache.done[i]]
 
     steps_per_epoch = max(1, len(train_idx) // cfg.batch)
     total = cfg.steps or int(cfg.epochs * steps_per_epoch)
@@ -310,45 +328,51 @@ def train(cfg, log=print):
         for k, a in saved.items():
             params[k][...] = a
         opt.m, opt.v, opt.t = m, v, t
-        lines = log_path.read_text().splitlines() if log_path.exists() else []
-        write_atomic(log_path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < step))
-        log(f"resuming {ckpt} at step {step}/{total}")
+        if writer:  # the log keeps what the checkpoint has seen
+            lines = log_path.read_text().splitlines() if log_path.exists() else []
+            write_atomic(log_path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < step))
+        log(f"resuming {ckpt} at step {step}/{total}" + (f" on {world.size} processes" if world.size > 1 else ""))
     else:
-        log_path.unlink(missing_ok=True)
+        if writer:
+            log_path.unlink(missing_ok=True)
         log(f"stage {cfg.stage}: training {'the projector' if cfg.stage == 1 else 'the projector and the decoder'}"
             f" ({sum(v.size for v in params.values()):,} numbers) on {len(train_idx)} images, {total} steps of "
             f"{cfg.batch}")
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=None)  # None: shown on a terminal only
+               disable=None if writer else True)  # None: shown on a terminal only
     while step < total:
         t0 = time.perf_counter()
         epoch, k = divmod(step * cfg.batch, steps_per_epoch * cfg.batch)
         order = epoch_order(len(train_idx), cfg.seed, epoch)
         batch = [train_idx[j] for j in order[k:k + cfg.batch]]
+        mine = world.share(batch)
         rate = lr_at(step, total, lr, warmup)
-        loss, norm, n_tokens = train_step(decoder, proj, opt, params, [cache[i] for i in batch],
-                                          [data.segments[i] for i in batch], rate, data.prefix_ids, cfg.clip,
-                                          cfg.micro_batch)
+        loss, norm, n_tokens = train_step(decoder, proj, opt, params, [cache[i] for i in mine],
+                                          [data.segments[i] for i in mine], rate, data.prefix_ids, cfg.clip,
+                                          cfg.micro_batch, world)
         step += 1
         record = {"step": step - 1, "loss": loss, "lr": rate, "grad_norm": norm, "tokens": n_tokens,
                   "seconds": round(time.perf_counter() - t0, 3)}
         if dev_idx and (step % cfg.eval_every == 0 or step == total):
-            record["dev_loss"] = dev_loss(decoder, proj, [cache[i] for i in dev_idx],
-                                          [data.segments[i] for i in dev_idx], data.prefix_ids)
+            mine = world.share(dev_idx)
+            record["dev_loss"] = dev_loss(decoder, proj, [cache[i] for i in mine], [data.segments[i] for i in mine],
+                                          data.prefix_ids, world)
             if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
                 state.update(best_dev=record["dev_loss"], best_step=step)
-                save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.dev_loss": record["dev_loss"],
-                                                    "tinyllava.system": system})
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+                if writer:
+                    save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.system": system,
+                                                        "tinyllava.dev_loss": record["dev_loss"]})
+        if writer:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.3f}", dev=f"{state['best_dev']:.3f}" if state["best_dev"] else "-")
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == total:
+        if writer and (step % cfg.checkpoint_every == 0 or step == total):
             save_checkpoint(ckpt, params, opt, step, state, cfg.projector)
     bar.close()
-    if not dev_idx:
+    if writer and not dev_idx:
         save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.system": system})
     log(f"done: {out}" + (f" (best dev loss {state['best_dev']:.4f} at step {state['best_step']})" if dev_idx else ""))
     return proj
@@ -400,10 +424,13 @@ def parser():
 
 
 def main(argv=None):
+    from .parallel import World
     args = parser().parse_args(argv)
     with cli_errors("tinyllava.train"):
+        world = World()
+    with world.stop_all_on_error("tinyllava.train"), cli_errors("tinyllava.train"):
         train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}),
-              log=lambda s: print(s, file=sys.stderr))
+              log=lambda s: print(s, file=sys.stderr), world=world)
 
 
 if __name__ == "__main__":
