@@ -1,12 +1,18 @@
-"""Evaluation: the shared-prefix scoring equals scoring each caption alone; retrieval metrics; the CLI."""
+"""Evaluation: the shared-prefix scoring equals scoring each caption alone; retrieval metrics; batched decoding
+gives the tokens of decoding one prompt at a time; beam search; the CLI. (VQA: test_vqa.py.)"""
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import numpy as np
+import pytest
 
 from test_backward import tiny_llama
-from tinyllava.evaluate import caption_logprobs, retrieval
+from tinyllava.decoding import Sampling, generate, prefill
+from tinyllava.evaluate import (beam_search, caption_logprobs, chat_prompts, greedy_decode, plain_prompts,
+                                retrieval)
+from tinyllava.llama import KVCache
 from tinyllava.ops import log_softmax
 
 
@@ -50,3 +56,126 @@ def test_cli_json(synthetic_data, tiny_decoder, tmp_path):
     for key in ("k", "r_at_1", "r_at_5", "i2t_r_at_1", "loss_image", "loss_shuffled", "loss_none"):
         assert key in out
     assert out["k"] == 6 and 0 <= out["r_at_1"] <= out["r_at_5"] <= 1 and len(out["samples"]) == 2
+
+
+def prompts_and_end(model, lengths=(5, 9, 3, 7, 4, 6, 8, 2), n=12):
+    """Prompts of several lengths, their one-at-a-time greedy tokens, and an end id that ends some of them early."""
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((k, model.cfg.dim)).astype(np.float32) for k in lengths]
+    free = [list(generate(model, x[None], Sampling(n))) for x in xs]               # no end token
+    ends = {t: sum(t in f[:n - 1] for f in free) for f in free for t in f}
+    end = max(ends, key=ends.get)                                                   # the one that ends most
+    want = [list(generate(model, x[None], Sampling(n), {end})) for x in xs]
+    return xs, end, want
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    model = tiny_llama(3, np.float32, vocab_size=97)
+    n = 12
+    xs, end, want = prompts_and_end(model, n=n)
+    lengths = sorted(map(len, want))
+    assert lengths[0] < n and lengths[-1] == n, lengths  # some end early, some run to n_predict
+    # batch 3 < 8 prompts: rows are refilled, columns packed when they run out, ended rows dropped at the end
+    for batch in (1, 3, 8, 20):
+        got = dict(greedy_decode(model, plain_prompts(model, xs), n, end, batch))
+        assert [got[i] for i in range(len(xs))] == want, batch
+
+
+def test_beam_search_one_beam_is_greedy_and_more_beams_score_higher():
+    model = tiny_llama(4, np.float32, vocab_size=97)
+    n = 10
+    xs, end, want = prompts_and_end(model, (4, 6, 3), n)
+
+    def mean_logp(x, ids):  # log p(ids | x) / len(ids), by one plain forward pass
+        full = np.concatenate([x, model.embed(np.array(ids[:-1], int))])[None]        # [1, P + len - 1, d]
+        lp = log_softmax(model.logits(model.forward(full))[0])
+        return sum(lp[len(x) - 1 + j, t] for j, t in enumerate(ids)) / len(ids)
+    for x, greedy in zip(xs, want):
+        cache = KVCache(model.cfg, 1, len(x))
+        first = prefill(model, x[None], cache)
+        assert beam_search(model, cache, first, 1, n, end) == greedy
+        beams = beam_search(model, cache, first, 4, n, end)        # the prompt's cache is read, not changed
+        assert mean_logp(x, beams) >= mean_logp(x, greedy) - 1e-6
+
+
+def test_chat_prompts_continue_the_shared_image_prefix(tiny_decoder):
+    from tinyllava.model import Llava, chat_prompt, load_decoder
+    from tinyllava.projector import Projector
+    dec, tok = load_decoder(tiny_decoder)
+    llava = Llava(dec, tok, projector=Projector.init("mlp2x_gelu", 768, dec.cfg.dim, seed=0))
+    rng = np.random.default_rng(0)
+    images = [llava.projector.forward(rng.standard_normal((196, 768)).astype(np.float32)) for _ in range(2)]
+    questions = [["What is it?", "What colour is the big shape?"], ["Is there a circle?"]]
+    got = list(chat_prompts(llava, images, questions))
+    assert len(got) == 3
+    for (cache, logits), (x, q) in zip(got, [(images[0], q) for q in questions[0]] + [(images[1], questions[1][0])]):
+        full, _ = llava.embed(chat_prompt(tok, q, 1, llava.system), [x])           # [1, T, d]: the whole prompt
+        assert cache.length == full.shape[1]
+        np.testing.assert_allclose(logits, dec.logits(dec.forward(full)[0, -1]), rtol=1e-4, atol=1e-4)
+    answers = dict(greedy_decode(dec, chat_prompts(llava, images, questions), 8, tok.eos_id, batch=2))
+    assert tok.decode(answers[2]) == tok.decode(llava.complete(
+        llava.embed(chat_prompt(tok, questions[1][0], 1, llava.system), [images[1]])[0], Sampling(8))[1])
+
+
+def test_real_model_batched_captions_equal_one_at_a_time(synthetic_data):
+    """The committed projector and SmolLM2 (quantized, fused when numba is there) on two synthetic images."""
+    from tinyllava import fused
+    from tinyllava.data import FeatureCache, load_examples
+    from tinyllava.model import load_llava
+    from tinyllava.weights import vision_path
+    data, cache_dir = synthetic_data
+    examples = load_examples(data)[:2]
+    cache = FeatureCache.for_examples(examples, vision_path(), cache=cache_dir)
+    llava = load_llava(tower=False, load_matrix=fused.QuantMatrix.from_tensor if fused.ENGINE == "numba" else None)
+    tokens = [llava.projector.forward(cache[i]) for i in range(2)]
+    with one_numba_thread():
+        want = [llava.complete(x[None], Sampling(12))[1] for x in tokens]
+        got = dict(greedy_decode(llava.decoder, plain_prompts(llava.decoder, tokens), 12, llava.tok.eos_id, batch=2))
+    assert [got[0], got[1]] == want
+
+
+@contextmanager
+def one_numba_thread():
+    """Each fused product on one thread: the same numbers (rows are independent), and on a busy machine the 2 x
+    ~200 parallel loops per token would each wait for a descheduled thread (measured: 44 s instead of 4)."""
+    try:
+        import numba
+    except ImportError:
+        yield
+        return
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(n)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tinyllava.evaluate", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_projector(tmp_path_factory):
+    from tinyllava.projector import Projector
+    path = tmp_path_factory.mktemp("projector") / "p.gguf"
+    Projector.init("mlp2x_gelu", 768, 32, seed=0).save(path)  # 32: the tiny decoder's width
+    return path
+
+
+def test_cli_captions_json(synthetic_data, tiny_decoder, tiny_projector):
+    data, cache = synthetic_data
+    r = run_cli("--data", data, "--captions", "--limit", 5, "--batch", 2, "-n", 6, "--projector", tiny_projector,
+                "--model", tiny_decoder, "--cache", cache, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "n", "seconds", "tokens", "samples"):
+        assert key in out, key
+    assert out["n"] == 5 and len(out["samples"]) == 5
+    assert all(0 <= out[k] <= 1 for k in ("bleu1", "bleu4", "rouge_l")) and out["cider"] >= 0
+    assert set(out["samples"][0]) == {"image", "generated", "references"}
+    r = run_cli("--data", data, "--captions", "--limit", 3, "--skip", 2, "--beams", 2, "-n", 4, "--prompt",
+                "Describe the image.", "--projector", tiny_projector, "--model", tiny_decoder, "--cache", cache)
+    assert r.returncode == 0, r.stderr
+    assert "3 images, beam search (2 beams)" in r.stdout and "| BLEU-1 |" in r.stdout

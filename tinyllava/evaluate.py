@@ -1,27 +1,54 @@
-"""Does the projector make SmolLM2 see? Measured on held-out image-caption pairs.
+"""Does the projector make SmolLM2 see? Measured on held-out images, three ways.
 
     python -m tinyllava.evaluate --data ../shared/data/flickr8k --split dev --limit 100 [--json]
+    python -m tinyllava.evaluate --data ../shared/data/flickr8k --split dev --limit 100 --captions [--json]
+    python -m tinyllava.evaluate --vqa questions.json [--images DIR] [--limit N] [--json]
 
+Loss and retrieval (the default), from log p(caption | image) of the first captions of K images:
 - caption loss per token given the true image, a shuffled (wrong) image, and no image at all
-- retrieval among K images and their first captions, from log p(caption | image) for all K x K pairs:
+- retrieval among the K images and their first captions, from all K x K pairs:
     caption -> image: rank the K images by the caption's likelihood (R@1, R@5; chance 1/K)
     image -> caption: rank the K captions by pointwise mutual information,
                       log p(caption | image) - log p(caption | no image)
   Each image's 196-token prefix is computed once into a KV cache that all K captions read, as one batch.
 - greedy captions for a few images, next to a human one
+
+--captions: a greedy caption of each image (the plain template, as stage 1 trained it; with --prompt TEXT the
+chat answer to TEXT instead), scored against all the image's human captions by BLEU-1..4, CIDEr-D and ROUGE-L
+(metrics.py, the COCO caption evaluation's numbers). --beams K: beam search instead of greedy.
+
+--vqa FILE: the chat answer to each question about its image, scored by exact match after VQA's answer
+normalization; yes/no questions also by POPE's accuracy, precision, recall, F1 and yes-ratio. FILE is
+  - LLaVA's conversation format, a JSON list or JSON lines of
+      {"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQUESTION"}, {"from": "gpt", ...}]}
+    (the first exchange is used; image paths start from --images, default the file's folder), or
+  - easy-VQA's questions.json, a list of [question, answer, image_id], the images in images/<image_id>.png
+    beside it (or in --images); answers are then also counted by kind: shape, colour, yes/no.
+
+The vision tower runs once per image into the feature cache (data.FeatureCache). The decoder keeps its quantized
+weights (fused.py) when numba is there. Captions and answers decode `--batch` sequences in one forward pass, each
+row its own sequence (continuous batching: greedy_decode, BatchCache): the same tokens as one at a time. A prompt
+is read once (196 image tokens: most of the time per image); an image's questions share the KV cache of their
+prompt up to and including the image tokens.
 """
 import argparse
 import json
+import re
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .decoding import prefill
 from .errors import TinyLlavaError, cli_errors
 from .llama import KVCache
-from .model import caption_ids
+from .model import IMAGE, caption_ids, chat_prompt
 from .ops import log_softmax
 
 
+# -- loss and retrieval ------------------------------------------------------------------------------------
 def caption_logprobs(decoder, prefix, captions):
     """log p(caption | prefix) for every caption, sharing the prefix's KV cache.
     prefix [P, d]; captions: list of id lists (each ending with the end token). -> (sum log p [K], tokens [K])"""
@@ -67,8 +94,8 @@ def evaluate(llava, features, captions, n_generate=5, images=None, progress=True
     K = len(ids)
     tokens = np.array([len(c) for c in ids])
     logp = np.zeros((K, K))
-    for i in tqdm(range(K), desc="K x K scores", file=sys.stderr, disable=None if progress else True,
-                  dynamic_ncols=True):
+    for i in tqdm(range(K), desc="K x K scores", unit="image", file=sys.stderr,
+                  disable=None if progress else True, dynamic_ncols=True):
         logp[i], _ = caption_logprobs(dec, llava.projector.forward(features[i]), ids)
     none, _ = caption_logprobs(dec, dec.embed([0]), ids)                          # prefix: <|endoftext|>
     shuffled = logp[(np.arange(K) + 1) % K, np.arange(K)]                         # each caption, the next image
@@ -82,51 +109,476 @@ def evaluate(llava, features, captions, n_generate=5, images=None, progress=True
     return result
 
 
+# -- decoding many prompts at once -------------------------------------------------------------------------
+def plain_prompts(decoder, image_tokens):  # iterable of [196, d] -> iterable of (KV cache, logits [vocab])
+    """The plain template (stage 1's, for captions): each image's tokens alone, read into a KV cache of its own."""
+    for x in image_tokens:
+        cache = KVCache(decoder.cfg, 1, len(x))
+        yield cache, prefill(decoder, x[None], cache)
+
+
+def chat_prompts(llava, image_tokens, questions):
+    """The chat template, as llava.answer writes it, for each image [196, d] and each of its questions (a list per
+    image) -> (KV cache, logits [vocab]) per question, in order. The prompt up to and including the image (the
+    system turn, the user turn's start, the image tokens) is the same for all of an image's questions: it is
+    read once, and each question continues a copy of its cache."""
+    tok, dec = llava.tok, llava.decoder
+    for x, qs in zip(image_tokens, questions):
+        parts = [chat_prompt(tok, q, 1, llava.system).split(IMAGE) for q in qs]   # [head, tail] per question
+        prefix, _ = llava.embed(parts[0][0] + IMAGE, [x])                          # [1, P, d]
+        tails = [tok.encode(tail) for _, tail in parts]  # as llava.embed encodes the text after the image
+        shared = KVCache(dec.cfg, 1, prefix.shape[1] + max(map(len, tails)))
+        prefill(dec, prefix, shared)
+        for ids in tails:
+            cache = shared.copy()
+            yield cache, prefill(dec, dec.embed([ids]), cache)
+
+
+class BatchCache:
+    """Several sequences in one KV cache, one per row, each of its own length.
+
+    Row b's keys and values sit in the columns where valid[b] is True; a step writes every row's new token to
+    the same next column (cache.length) and gives it the row's own position pos[b] for RoPE, and each row's
+    attention sees only its own columns, so every row computes what it would alone. The keys are stored
+    already rotated, so which column holds a key does not matter: a new sequence can take any row (its prompt
+    in columns 0..P-1, the columns after it masked), and a row's columns can be packed to the left. When the
+    columns run out, the rows are packed and `room` more columns added."""
+
+    def __init__(self, cfg, rows, room):
+        self.cfg, self.room = cfg, room
+        self.cache = KVCache(cfg, rows, 0)         # k, v [layers, rows, columns, Hkv, hd]
+        self.valid = np.zeros((rows, 0), bool)     # [rows, columns]: which columns are the row's
+        self.pos = np.zeros(rows, int)             # [rows]: the position of each row's next token
+
+    def put(self, b, prompt):  # a prompt's KV cache (batch 1) -> row b, replacing what was there
+        P = prompt.length
+        self.valid[b] = False
+        if P > self.valid.shape[1]:
+            self.pack(np.arange(len(self.pos)), P + self.room)
+        self.cache.k[:, b, :P], self.cache.v[:, b, :P] = prompt.k[:, 0, :P], prompt.v[:, 0, :P]
+        self.valid[b, :P] = True
+        self.cache.length = max(self.cache.length, P)
+        self.pos[b] = P
+
+    def pack(self, rows, room=None):  # keep these rows (in this order; one may repeat), their columns to the left
+        n = self.valid[rows].sum(axis=1)                                            # [rows'] columns in use
+        S = int(n.max(initial=0))
+        room = self.room if room is None else room
+        cache = KVCache(self.cfg, len(rows), S + room)                              # `room` free columns
+        for j, b in enumerate(rows):
+            cols = np.nonzero(self.valid[b])[0]
+            cache.k[:, j, :len(cols)], cache.v[:, j, :len(cols)] = self.cache.k[:, b, cols], self.cache.v[:, b, cols]
+        cache.length = S
+        self.cache, self.valid, self.pos = cache, np.arange(S + room)[None, :] < n[:, None], self.pos[rows]
+
+    def step(self, decoder, tokens):  # tokens [rows], one per row -> logits [rows, vocab] after them
+        if self.cache.length == self.valid.shape[1]:                                # no free column: pack
+            self.pack(np.arange(len(self.pos)))
+        S = self.cache.length
+        self.valid[:, S] = True
+        h = decoder.forward(decoder.embed(tokens[:, None]), self.cache, valid=self.valid[:, :S + 1],
+                            positions=self.pos[:, None])                            # [rows, 1, d]
+        self.pos += 1
+        return decoder.logits(h[:, 0])                                              # [rows, vocab]
+
+
+def greedy_decode(decoder, prompts, n_predict, end_id, batch=16):
+    """Greedy continuations of many prompts, up to `batch` of them in each forward pass. prompts: an iterable of
+    (KV cache of batch 1 holding a prompt, logits [vocab] after it), read as rows come free. Yields (i, ids) for
+    prompt i when it ends, in the order they end; ids stop at end_id (kept) or after n_predict tokens.
+
+    Continuous batching: each row of a BatchCache decodes one sequence; a row whose sequence ends takes the next
+    prompt at once, so the batch stays full until the prompts run out (then the rows that ended are dropped
+    once they are half of them: a drop copies the cache). Each row computes what it would alone (the same
+    tokens as decoding.generate, one prompt at a time, up to float rounding)."""
+    todo = enumerate(prompts)
+    rows = BatchCache(decoder.cfg, batch, n_predict)
+    who = np.full(batch, -1)                                      # [B] the prompt in each row (-1: none left)
+    logits = np.zeros((batch, decoder.cfg.vocab_size), np.float32)  # [B, vocab] each row's next-token logits
+    tokens = np.zeros(batch, int)                                 # [B] each row's next input
+    out = [[] for _ in range(batch)]
+
+    def admit(b):  # the next prompt, if any, into row b
+        i, (cache, first) = next(todo, (-1, (None, None)))
+        who[b] = i
+        if i >= 0:
+            rows.put(b, cache)
+            logits[b], out[b] = first, []
+
+    for b in range(batch):
+        admit(b)
+    while True:
+        for b in range(len(who)):
+            while who[b] >= 0:  # the row's next token; a row that ends yields and takes the next prompt
+                t = int(np.argmax(logits[b]))
+                out[b].append(t)
+                if t != end_id and len(out[b]) < n_predict:
+                    tokens[b] = t
+                    break
+                yield int(who[b]), out[b]
+                admit(b)
+        live = np.nonzero(who >= 0)[0]
+        if len(live) == 0:
+            return
+        if len(live) <= len(who) // 2:  # no prompts left and half the rows ended: drop those
+            rows.pack(live)
+            who, logits, tokens, out = who[live], logits[live], tokens[live], [out[b] for b in live]
+        logits = rows.step(decoder, tokens)
+
+
+def beam_search(decoder, prompt, logits, beams, n_predict, end_id, alpha=1.0):
+    """The continuation of a prompt (its KV cache of batch 1, and the logits [vocab] after it) that beam search
+    with `beams` beams finds, ranked by the length-normalized log-probability
+
+        score(y) = log p(y | prompt) / len(y) ** alpha        (len(y) counts the end token)
+
+    alpha = 1: the mean log-probability per token; alpha = 0: the plain sum, which favours short captions. Each
+    step ranks every one-token extension of the live beams by summed log p: one that ends (end_id, or n_predict
+    tokens) and ranks among the first `beams` is set aside, scored; the best that do not end are the next beams.
+    It stops once `beams` have been set aside (transformers' early_stopping=True); one beam is greedy decoding.
+    -> ids (ending with end_id if it came)"""
+    vocab = decoder.cfg.vocab_size
+    rows = BatchCache(decoder.cfg, 1, n_predict)
+    rows.put(0, prompt)
+    seqs, sums, lp = [[]], np.zeros(1), log_softmax(logits.astype(np.float64))[None]  # live beams; [k]; [k, vocab]
+    done = []                                                     # (score, ids) of the candidates that ended
+    for step in range(n_predict):
+        total = sums[:, None] + lp                                # [k, vocab] sum log p of each extension
+        best = np.argsort(-total, axis=None, kind="stable")[:2 * beams]
+        parents, nxt = [], []
+        for rank, f in enumerate(best):  # an ended one among the `beams` best is set aside; the rest are beams
+            b, t = divmod(int(f), vocab)
+            ids = seqs[b] + [t]
+            if t == end_id or step == n_predict - 1:
+                if rank < beams:
+                    done.append((total[b, t] / len(ids) ** alpha, ids))
+            elif len(parents) < beams:
+                parents.append(b)
+                nxt.append(ids)
+        if len(done) >= beams or not parents:
+            break
+        if parents != list(range(len(seqs))):
+            rows.pack(np.array(parents))                          # each beam's cache: a copy of its parent's
+        seqs, sums = nxt, np.array([total[b, s[-1]] for b, s in zip(parents, nxt)])
+        lp = log_softmax(rows.step(decoder, np.array([s[-1] for s in seqs])).astype(np.float64))
+    return max(done, key=lambda d: d[0])[1]
+
+
+# -- captions ----------------------------------------------------------------------------------------------
+def evaluate_captions(llava, features, references, prompt=None, n_predict=40, batch=16, beams=1, images=None,
+                      n_samples=5, progress=True):
+    """A caption of each image, scored against all of its human captions.
+
+    features: indexable, features[i] [196, 768] of image i; references: a list of captions per image. The caption
+    is the plain template's continuation of the image tokens, or with `prompt` the chat answer to it. Greedy
+    (greedy_decode, `batch` images at a time), or beam search with `beams` > 1.
+    -> {bleu1..bleu4, cider, rouge_l, n, seconds, tokens, captions, samples}"""
+    from tqdm import tqdm
+
+    from .metrics import score_captions
+    dec, tok = llava.decoder, llava.tok
+    t0 = time.perf_counter()
+    N = len(references)
+    tokens = (llava.projector.forward(features[i]) for i in range(N))            # [196, d] each, as needed
+    prompts = plain_prompts(dec, tokens) if prompt is None else chat_prompts(llava, tokens, [[prompt]] * N)
+    ids = [None] * N
+    with tqdm(total=N, desc="captions", unit="image", file=sys.stderr, disable=None if progress else True,
+              dynamic_ncols=True) as bar:
+        if beams > 1:
+            for i, (cache, logits) in enumerate(prompts):
+                ids[i] = beam_search(dec, cache, logits, beams, n_predict, tok.eos_id)
+                bar.update()
+        else:
+            for i, seq in greedy_decode(dec, prompts, n_predict, tok.eos_id, batch):
+                ids[i] = seq
+                bar.update()
+    captions = [tok.decode([t for t in s if t != tok.eos_id]) for s in ids]
+    result = score_captions(captions, references)
+    result.update(seconds=time.perf_counter() - t0, tokens=sum(map(len, ids)), captions=captions,
+                  samples=[{"image": str(images[i]) if images is not None else i, "generated": captions[i],
+                            "references": references[i]} for i in range(min(n_samples, N))])
+    return result
+
+
+# -- visual question answering -----------------------------------------------------------------------------
+@dataclass
+class Question:
+    image: Path
+    question: str
+    answer: str
+    kind: str = None  # easy-VQA's kind of answer: shape, colour or yes/no
+
+
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")  # easy-VQA's answers but yes/no and the colours
+
+
+def read_vqa(path, images=None, limit=None):
+    """A VQA file -> [Question] (the first `limit`). LLaVA's conversations (a JSON list, or JSON lines) or easy-VQA's
+    [question, answer, image_id] list, told apart by the first entry. A malformed entry (named by its line or
+    index) or a missing image stops with a TinyLlavaError."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TinyLlavaError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise TinyLlavaError(f"{path}: not UTF-8 text") from None
+    if text.lstrip().startswith("["):  # one JSON list
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TinyLlavaError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        records = [(f"{path}: entry {n}", r) for n, r in enumerate(records)]
+    else:  # JSON lines
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise TinyLlavaError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not records:
+        raise TinyLlavaError(f"{path}: no questions")
+    easy = isinstance(records[0][1], list)
+    folder = Path(images) if images else path.parent / "images" if easy else path.parent
+    out = []
+    for where, rec in records[:limit]:
+        try:
+            if easy:
+                if not isinstance(rec, list) or len(rec) != 3:
+                    raise ValueError("not a list of 3")
+                question, answer, image_id = rec
+                if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+                    raise ValueError("the image id must be a number or a string")
+                image = folder / f"{image_id}.png"
+            else:
+                human, gpt = rec["conversations"][:2]
+                if human["from"] != "human" or gpt["from"] != "gpt":
+                    raise ValueError("the first two turns must be from 'human' and then 'gpt'")
+                question, answer, image = human["value"].replace(IMAGE, "").strip(), gpt["value"], rec["image"]
+                if not isinstance(image, str):
+                    raise ValueError("'image' must be a string")
+                image = folder / image
+            if not (isinstance(question, str) and question.strip() and isinstance(answer, str) and answer.strip()):
+                raise ValueError("the question and the answer must be non-empty strings")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            shape = "[question, answer, image_id]" if easy else '{"image", "conversations": [human, gpt]}'
+            raise TinyLlavaError(f"{where}: malformed entry, expected {shape} ({type(e).__name__}: {e})") from None
+        if not image.is_file():
+            raise TinyLlavaError(f"{where}: image {image} does not exist")
+        kind = None
+        if easy:
+            kind = "yes/no" if answer in ("yes", "no") else "shape" if answer in EASY_VQA_SHAPES else "colour"
+        out.append(Question(image, question.strip(), answer.strip(), kind))
+    return out
+
+
+def distinct_images(questions):  # -> the images the questions ask about, in order of first appearance
+    return list(dict.fromkeys(q.image for q in questions))
+
+
+NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", "!"]
+
+
+def normalize_answer(text):  # str -> str
+    """VQA's answer normalization (the EvalAI answer processor of the VQAv2 and TextVQA evaluations, which LLaVA
+    uses), step by step:
+      lowercase; delete ',' and '?'; "'s" -> " 's"; newlines and tabs -> spaces
+      each of ; / [ ] " { } ( ) = + \\ _ - > < @ ` ! is deleted if it touches a space anywhere in the text,
+        else replaced by a space ("t-shirt" -> "t shirt", "yes - it is" -> "yes  it is")
+      '.' deleted unless a digit follows ("2.5" stays)
+      the words none, zero..ten -> 0..10; the articles a, an, the dropped; words joined by one space
+    Its map of contractions written without the apostrophe (dont -> don't, ...) is left out."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in PUNCTUATION:
+        out = out.replace(p, "" if p + " " in text or " " + p in text else " ")
+    out = re.sub(r"\.(?!\d)", "", out, count=32)  # EvalAI passes re.UNICODE (= 32) where re.sub takes its count
+    words = [NUMBERS.get(w, w) for w in out.split()]
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
+def pope_label(text):  # an answer -> "yes" or "no", as POPE reads it
+    """POPE's rule: the first sentence (the text before the first '.'), commas deleted, split at spaces; "no" if
+    a word is "no", "No" or "not", else "yes"."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+
+
+def pope_metrics(predicted, truth):  # lists of "yes"/"no" -> {accuracy, precision, recall, f1, yes_ratio, n}
+    """yes is the positive class: precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 P R / (P + R),
+    accuracy = (TP + TN) / n, yes_ratio = (TP + FP) / n (0 where a denominator is 0)."""
+    p, t = np.array(predicted) == "yes", np.array(truth) == "yes"
+    tp, fp, tn, fn = (int(np.sum(a & b)) for a, b in ((p, t), (p, ~t), (~p, ~t), (~p, t)))
+    n = len(p)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": (tp + fp) / n if n else 0.0, "n": n}
+
+
+def score_vqa(predictions, questions):  # [str], [Question] -> {accuracy, accuracy_contains, n, by_type, yes_no, ...}
+    """accuracy: normalize_answer(prediction) == normalize_answer(answer); accuracy_contains: the normalized answer
+    appears in the normalized prediction as whole words (kinder to a model that answers in sentences). by_type:
+    the accuracy of yes/no questions (the answer is yes or no) and of the others; by_kind (easy-VQA): per kind
+    of answer. yes_no: POPE's metrics on the yes/no questions, the prediction read by pope_label."""
+    pred = [normalize_answer(p) for p in predictions]
+    ref = [normalize_answer(q.answer) for q in questions]
+    exact = np.array([p == r for p, r in zip(pred, ref)])                        # [n]
+    yes_no = np.array([r in ("yes", "no") for r in ref])                          # [n]
+
+    def accuracy(m):  # m [n] bool -> {accuracy, n} of those questions
+        return {"accuracy": float(exact[m].mean()) if m.any() else 0.0, "n": int(m.sum())}
+    result = {"accuracy": float(exact.mean()),
+              "accuracy_contains": float(np.mean([f" {r} " in f" {p} " for p, r in zip(pred, ref)])),
+              "n": len(questions), "by_type": {"yes/no": accuracy(yes_no), "other": accuracy(~yes_no)},
+              "yes_no": pope_metrics([pope_label(p) for p, m in zip(predictions, yes_no) if m],
+                                     [r for r, m in zip(ref, yes_no) if m])}
+    kinds = np.array([q.kind for q in questions])
+    if any(k is not None for k in kinds):
+        result["by_kind"] = {k: accuracy(kinds == k) for k in ("shape", "colour", "yes/no") if (kinds == k).any()}
+    return result
+
+
+def evaluate_vqa(llava, features, questions, n_predict=40, batch=16, n_samples=5, progress=True):
+    """The chat answer (llava.answer's template, greedy) to each question about its image, scored by score_vqa.
+    features[j]: [196, 768] of image j of distinct_images(questions). An image's questions share its prompt's
+    KV cache up to the image tokens (chat_prompts). -> score_vqa's dict, with seconds, predictions, samples"""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    by_image = {image: [] for image in distinct_images(questions)}                # image -> its questions' indices
+    for i, q in enumerate(questions):
+        by_image[q.image].append(i)
+    order = [i for idx in by_image.values() for i in idx]                          # questions grouped by image
+    tokens = (llava.projector.forward(features[j]) for j in range(len(by_image)))  # [196, d] each, as needed
+    prompts = chat_prompts(llava, tokens, [[questions[i].question for i in idx] for idx in by_image.values()])
+    predictions = [None] * len(questions)
+    with tqdm(total=len(questions), desc="answers", unit="question", file=sys.stderr,
+              disable=None if progress else True, dynamic_ncols=True) as bar:
+        for k, ids in greedy_decode(llava.decoder, prompts, n_predict, llava.tok.eos_id, batch):
+            predictions[order[k]] = llava.tok.decode([t for t in ids if t != llava.tok.eos_id])
+            bar.update()
+    result = score_vqa(predictions, questions)
+    result.update(seconds=time.perf_counter() - t0, predictions=predictions,
+                  samples=[{"image": str(q.image), "question": q.question, "answer": q.answer, "predicted": p}
+                           for q, p in list(zip(questions, predictions))[:n_samples]])
+    return result
+
+
+# -- the command line --------------------------------------------------------------------------------------
+def print_retrieval(r):
+    print(f"K = {r['k']} held-out images (chance R@1 = {r['chance']:.3f})")
+    print(f"caption loss/token: true image {r['loss_image']:.3f}, shuffled image {r['loss_shuffled']:.3f}, "
+          f"no image {r['loss_none']:.3f}")
+    print(f"caption -> image: R@1 {r['r_at_1']:.3f}, R@5 {r['r_at_5']:.3f}")
+    print(f"image -> caption by PMI: R@1 {r['i2t_r_at_1']:.3f}, R@5 {r['i2t_r_at_5']:.3f} "
+          f"(raw likelihood R@1 {r['i2t_r_at_1_raw_likelihood']:.3f})")
+    for s in r["samples"]:
+        print(f"\n{s['image']}\n  generated: {s['generated']}\n  reference: {s['reference']}")
+
+
+def print_captions(r, how):
+    print(f"{r['n']} images, {how}: {r['seconds']:.1f} s, {r['tokens']} tokens\n")
+    print("| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr | ROUGE-L |\n| --- | --- | --- | --- | --- | --- |")
+    print("| " + " | ".join(f"{r[k]:.3f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l")) + " |")
+    for s in r["samples"]:
+        print(f"\n{s['image']}\n  generated: {s['generated']}\n  reference: {s['references'][0]}")
+
+
+def print_vqa(r):
+    print(f"{r['n']} questions: {r['seconds']:.1f} s\n")
+    print("| questions | n | accuracy (exact) |\n| --- | --- | --- |")
+    print(f"| all | {r['n']} | {r['accuracy']:.3f} (answer within the reply: {r['accuracy_contains']:.3f}) |")
+    for name, a in list(r["by_type"].items()) + [(f"easy-VQA {k}", a) for k, a in r.get("by_kind", {}).items()]:
+        print(f"| {name} | {a['n']} | {a['accuracy']:.3f} |")
+    y = r["yes_no"]
+    print(f"\nyes/no questions read as POPE does ({y['n']}): accuracy {y['accuracy']:.3f}, precision "
+          f"{y['precision']:.3f}, recall {y['recall']:.3f}, F1 {y['f1']:.3f}, yes-ratio {y['yes_ratio']:.3f}")
+    for s in r["samples"]:
+        print(f"\n{s['image']}\n  Q: {s['question']}\n  A: {s['predicted']}\n  reference: {s['answer']}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tinyllava.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="folder with pairs.jsonl (any folder in that format)")
+    ap.add_argument("--data", help="folder with pairs.jsonl (any folder in that format), or a LLaVA JSON with --images")
     ap.add_argument("--split", default=None, help="only this split (e.g. dev); default: every line")
-    ap.add_argument("--limit", type=int, default=100, help="K: how many images (and captions) to score")
+    ap.add_argument("--limit", type=int, default=100, help="how many images (--vqa: questions) to evaluate")
     ap.add_argument("--skip", type=int, default=0,
                     help="start after this many images (train picks its best checkpoint on the first 100 dev images)")
+    ap.add_argument("--captions", action="store_true", help="generate captions and score them (BLEU, CIDEr, ROUGE-L)")
+    ap.add_argument("--prompt", help="--captions: the chat answer to this instead of the plain template's caption")
+    ap.add_argument("--beams", type=int, default=1, help="--captions: beam search with this many beams (1: greedy)")
+    ap.add_argument("--vqa", metavar="FILE", help="answer the questions of this file and score them")
+    ap.add_argument("--images", help="the folder the image paths of --vqa FILE (default: beside it) or of a LLaVA "
+                                     "JSON --data start from")
+    ap.add_argument("-n", "--n-predict", type=int, default=40, help="most tokens per caption or answer (40)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences decoded together in one forward pass (16)")
     ap.add_argument("--projector", help="projector GGUF (default: the committed weights/projector.gguf)")
     ap.add_argument("--model", help="decoder GGUF (default: the fetched SmolLM2)")
-    ap.add_argument("--generate", type=int, default=5, help="greedy captions to write for the first N images")
+    ap.add_argument("--adapter", help="a LoRA adapter GGUF for the decoder")
+    ap.add_argument("--generate", type=int, default=5, help="samples to show (the loss mode: greedy captions)")
     ap.add_argument("--cache", help="feature cache folder (default: computed and cached as train does)")
     ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop")
     args = ap.parse_args(argv)
     with cli_errors("tinyllava.evaluate"):
-        if args.limit < 2:
-            raise TinyLlavaError("--limit must be at least 2")
-        if args.skip < 0:
-            raise TinyLlavaError("--skip must not be negative")
-        from .data import FeatureCache, load_examples
+        from . import fused
+        from .data import Example, FeatureCache, load_examples
         from .model import load_llava
         from .vit import VisionTower
         from .weights import vision_path
-        examples = load_examples(args.data, split=args.split, on_error=args.on_error)[args.skip:args.skip + args.limit]
-        if len(examples) < 2:
-            raise TinyLlavaError(f"{args.data}: fewer than 2 images to score after --skip {args.skip}")
-        llava = load_llava(projector=args.projector, decoder=args.model, tower=False)
+        if args.captions and args.vqa:
+            raise TinyLlavaError("--captions and --vqa are two different evaluations: give one")
+        if not args.vqa and not args.data:
+            raise TinyLlavaError("--data is required (or --vqa FILE)")
+        if args.limit < (1 if args.captions or args.vqa else 2):
+            raise TinyLlavaError(f"--limit must be at least {1 if args.captions or args.vqa else 2}")
+        if args.skip < 0 or args.beams < 1 or args.batch < 1 or args.n_predict < 1:
+            raise TinyLlavaError("--skip must not be negative; --beams, --batch and -n must be at least 1")
+        if args.vqa:
+            questions = read_vqa(args.vqa, args.images, args.limit)
+            examples = [Example(image, []) for image in distinct_images(questions)]
+        else:
+            examples = load_examples(args.data, args.images, split=args.split, on_error=args.on_error)
+            examples = examples[args.skip:args.skip + args.limit]
+            if len(examples) < 2 and not args.captions:
+                raise TinyLlavaError(f"{args.data}: fewer than 2 images to score after --skip {args.skip}")
+            if not examples:
+                raise TinyLlavaError(f"{args.data}: no images left after --skip {args.skip}")
+        fused.keep_freed_memory()
+        decoding = args.captions or args.vqa  # decode with the quantized weights; score K x K with float32's
+        load_matrix = fused.QuantMatrix.from_tensor if decoding and fused.ENGINE == "numba" else None
+        extra = {"adapter": args.adapter} if args.adapter is not None else {}  # load_llava's newer argument
+        llava = load_llava(projector=args.projector, decoder=args.model, tower=False, load_matrix=load_matrix,
+                           **extra)
         cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
         cache.fill(VisionTower.load(vision_path()))
-        r = evaluate(llava, np.stack([cache[i] for i in range(len(examples))]),
-                     [e.captions[0] for e in examples], args.generate, [e.image for e in examples],
-                     progress=not args.json)
+        if args.vqa:
+            r = evaluate_vqa(llava, cache, questions, args.n_predict, args.batch, args.generate, not args.json)
+            r.pop("predictions")
+        elif args.captions:
+            r = evaluate_captions(llava, cache, [e.captions for e in examples], args.prompt, args.n_predict,
+                                  args.batch, args.beams, [e.image for e in examples], args.generate, not args.json)
+            r.pop("captions")
+        else:
+            r = evaluate(llava, np.stack([cache[i] for i in range(len(examples))]),
+                         [e.captions[0] for e in examples], args.generate, [e.image for e in examples],
+                         progress=not args.json)
         if args.json:
             print(json.dumps(r))
-            return
-        print(f"K = {r['k']} held-out images (chance R@1 = {r['chance']:.3f})")
-        print(f"caption loss/token: true image {r['loss_image']:.3f}, shuffled image {r['loss_shuffled']:.3f}, "
-              f"no image {r['loss_none']:.3f}")
-        print(f"caption -> image: R@1 {r['r_at_1']:.3f}, R@5 {r['r_at_5']:.3f}")
-        print(f"image -> caption by PMI: R@1 {r['i2t_r_at_1']:.3f}, R@5 {r['i2t_r_at_5']:.3f} "
-              f"(raw likelihood R@1 {r['i2t_r_at_1_raw_likelihood']:.3f})")
-        for s in r["samples"]:
-            print(f"\n{s['image']}\n  generated: {s['generated']}\n  reference: {s['reference']}")
+        elif args.vqa:
+            print_vqa(r)
+        elif args.captions:
+            print_captions(r, f"beam search ({args.beams} beams)" if args.beams > 1 else
+                           f"greedy (batch {args.batch})" + (f", asked {args.prompt!r}" if args.prompt else ""))
+        else:
+            print_retrieval(r)
 
 
 if __name__ == "__main__":
