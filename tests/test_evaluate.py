@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from test_backward import tiny_llama
-from tinyllava.decoding import Sampling, generate, prefill
-from tinyllava.evaluate import (beam_search, caption_logprobs, chat_prompts, greedy_decode, plain_prompts,
-                                retrieval)
+from tinyllava.decoding import Sampling, beam_search, generate, greedy_decode, prefill
+from tinyllava.evaluate import caption_logprobs, chat_prompts, plain_prompts, retrieval
 from tinyllava.llama import KVCache
 from tinyllava.ops import log_softmax
 

@@ -60,9 +60,9 @@ def test_read_and_write_llava_json(tmp_path):
     ({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nHi"}]}, "no assistant"),
     ({"image": "a.jpg", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
      "<image> must stand once"),
-    ({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "."}]},
+    ({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image><image>Hi"}, {"from": "gpt", "value": "."}]},
      "found 2"),
-    ({"image": "a.jpg", "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "x"}]},
+    ({"image": "a.jpg", "conversations": [{"from": "gpt", "value": "<image>Hi"}, {"from": "human", "value": "x"}]},
      "alternate"),
     ({"conversations": []}, "malformed record"),
 ])
@@ -72,7 +72,7 @@ def test_bad_records_name_the_record(tmp_path, record, message):
         instruct.read_conversations(tmp_path / "d.json")
     assert "record 0" in str(e.value)
     (tmp_path / "d.json").write_text('[{"image": "a.jpg",\n "conversations": [}]')
-    with pytest.raises(TinyLlavaError, match="line 2"):
+    with pytest.raises(TinyLlavaError, match="d.json:2: not valid JSON"):
         instruct.read_conversations(tmp_path / "d.json")
 
 
@@ -119,6 +119,7 @@ def test_pope_questions_are_balanced():
 
 def test_easy_vqa_folder(tmp_path):
     (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "3.png").write_bytes(b"")
     (tmp_path / "questions.json").write_text(json.dumps([["what shape is in the image?", "circle", 3]]))
     (c,) = instruct.from_easy_vqa(tmp_path)
     assert c.image == tmp_path / "images" / "3.png" and c.turns == [("What shape is in the image?", "Circle.")]

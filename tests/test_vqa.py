@@ -87,7 +87,7 @@ def test_read_vqa_formats(tmp_path):
     for name in ("list.json", "lines.jsonl"):
         qs = read_vqa(tmp_path / name)
         assert [(q.image, q.question, q.answer, q.kind) for q in qs] == \
-            [(tmp_path / "pics" / "x.png", "What colour is it?", "Red", None)] * 2
+            [(tmp_path / "pics" / "x.png", "What colour is it?", "Red", "colour")] * 2
     assert len(read_vqa(tmp_path / "list.json", limit=1)) == 1
     # easy-VQA: [question, answer, image_id], the images in images/<id>.png beside the file (or in --images)
     write_png(tmp_path / "easy" / "images" / "0.png")
@@ -107,22 +107,22 @@ def test_read_vqa_bad_input(tmp_path):
         "broken.json": ('[\n{"image": "x.png",\n', "broken.json:3: not valid JSON"),
         "broken.jsonl": (json.dumps(good) + "\n{nope\n", "broken.jsonl:2: not valid JSON"),
         "turns.json": (json.dumps([good, {"image": "x.png", "conversations": [{"from": "gpt", "value": "A"}]}]),
-                       "turns.json: entry 1: malformed entry"),
+                       "turns.json: record 1: the conversation has no assistant|turns.json: record 1: turns must"),
         "empty_q.jsonl": (json.dumps({**good, "conversations": [{"from": "human", "value": "<image>"},
                                                                 {"from": "gpt", "value": "A"}]}),
-                          "empty_q.jsonl:1: malformed entry"),
-        "missing.json": (json.dumps([good, {**good, "image": "gone.png"}]), "entry 1: image"),
-        "easy.json": (json.dumps([["q?", "yes", 0], ["q?", "yes"]]), "easy.json: entry 1: malformed entry"),
-        "easy2.json": (json.dumps([["q?", "yes", 0], ["q?", "no", 5]]), "entry 1: image .*5.png does not exist"),
-        "dict.json": ('{"a": 1}', "dict.json:1: malformed entry"),      # one JSON line
-        "nothing.jsonl": ("\n\n", "no questions"),
+                          "empty_q.jsonl:1: .*not empty"),
+        "missing.json": (json.dumps([good, {**good, "image": "gone.png"}]), "record 1: image"),
+        "easy.json": (json.dumps([["q?", "yes", 0], ["q?", "yes"]]), "easy.json: record 1: malformed row"),
+        "easy2.json": (json.dumps([["q?", "yes", 0], ["q?", "no", 5]]), "record 1: image .*5.png does not exist"),
+        "dict.json": ('{"a": 1}', "dict.json:1: malformed record"),      # one JSON line
+        "nothing.jsonl": ("\n\n", "no conversations"),
     }
     write_png(tmp_path / "images" / "0.png")  # easy-VQA's image 0, where it looks by default
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(TinyLlavaError, match=message):
             read_vqa(tmp_path / name)
-    with pytest.raises(TinyLlavaError, match="no-such.json: cannot read"):
+    with pytest.raises(TinyLlavaError, match="no-such.json: cannot read it"):
         read_vqa(tmp_path / "no-such.json")
 
 
@@ -166,8 +166,8 @@ def test_cli_vqa(synthetic_data, tiny_decoder, tmp_path):
 def test_cli_vqa_bad_input(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n')
     (tmp_path / "gone.json").write_text(json.dumps([["what?", "red", 7]]))
-    for path, message in ((tmp_path / "bad.jsonl", "bad.jsonl:1: malformed entry"),
-                          (tmp_path / "gone.json", "entry 0: image")):
+    for path, message in ((tmp_path / "bad.jsonl", "bad.jsonl:1: malformed record"),
+                          (tmp_path / "gone.json", "record 0: image")):
         r = run_vqa(path)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .decoding import prefill
+from .decoding import beam_search, greedy_decode, prefill
 from .errors import TinyLlavaError, cli_errors
 from .llama import KVCache
 from .model import IMAGE, caption_ids, chat_prompt
@@ -134,136 +134,6 @@ def chat_prompts(llava, image_tokens, questions):
             yield cache, prefill(dec, dec.embed([ids]), cache)
 
 
-class BatchCache:
-    """Several sequences in one KV cache, one per row, each of its own length.
-
-    Row b's keys and values sit in the columns where valid[b] is True; a step writes every row's new token to
-    the same next column (cache.length) and gives it the row's own position pos[b] for RoPE, and each row's
-    attention sees only its own columns, so every row computes what it would alone. The keys are stored
-    already rotated, so which column holds a key does not matter: a new sequence can take any row (its prompt
-    in columns 0..P-1, the columns after it masked), and a row's columns can be packed to the left. When the
-    columns run out, the rows are packed and `room` more columns added."""
-
-    def __init__(self, cfg, rows, room):
-        self.cfg, self.room = cfg, room
-        self.cache = KVCache(cfg, rows, 0)         # k, v [layers, rows, columns, Hkv, hd]
-        self.valid = np.zeros((rows, 0), bool)     # [rows, columns]: which columns are the row's
-        self.pos = np.zeros(rows, int)             # [rows]: the position of each row's next token
-
-    def put(self, b, prompt):  # a prompt's KV cache (batch 1) -> row b, replacing what was there
-        P = prompt.length
-        self.valid[b] = False
-        if P > self.valid.shape[1]:
-            self.pack(np.arange(len(self.pos)), P + self.room)
-        self.cache.k[:, b, :P], self.cache.v[:, b, :P] = prompt.k[:, 0, :P], prompt.v[:, 0, :P]
-        self.valid[b, :P] = True
-        self.cache.length = max(self.cache.length, P)
-        self.pos[b] = P
-
-    def pack(self, rows, room=None):  # keep these rows (in this order; one may repeat), their columns to the left
-        n = self.valid[rows].sum(axis=1)                                            # [rows'] columns in use
-        S = int(n.max(initial=0))
-        room = self.room if room is None else room
-        cache = KVCache(self.cfg, len(rows), S + room)                              # `room` free columns
-        for j, b in enumerate(rows):
-            cols = np.nonzero(self.valid[b])[0]
-            cache.k[:, j, :len(cols)], cache.v[:, j, :len(cols)] = self.cache.k[:, b, cols], self.cache.v[:, b, cols]
-        cache.length = S
-        self.cache, self.valid, self.pos = cache, np.arange(S + room)[None, :] < n[:, None], self.pos[rows]
-
-    def step(self, decoder, tokens):  # tokens [rows], one per row -> logits [rows, vocab] after them
-        if self.cache.length == self.valid.shape[1]:                                # no free column: pack
-            self.pack(np.arange(len(self.pos)))
-        S = self.cache.length
-        self.valid[:, S] = True
-        h = decoder.forward(decoder.embed(tokens[:, None]), self.cache, valid=self.valid[:, :S + 1],
-                            positions=self.pos[:, None])                            # [rows, 1, d]
-        self.pos += 1
-        return decoder.logits(h[:, 0])                                              # [rows, vocab]
-
-
-def greedy_decode(decoder, prompts, n_predict, end_id, batch=16):
-    """Greedy continuations of many prompts, up to `batch` of them in each forward pass. prompts: an iterable of
-    (KV cache of batch 1 holding a prompt, logits [vocab] after it), read as rows come free. Yields (i, ids) for
-    prompt i when it ends, in the order they end; ids stop at end_id (kept) or after n_predict tokens.
-
-    Continuous batching: each row of a BatchCache decodes one sequence; a row whose sequence ends takes the next
-    prompt at once, so the batch stays full until the prompts run out (then the rows that ended are dropped
-    once they are half of them: a drop copies the cache). Each row computes what it would alone (the same
-    tokens as decoding.generate, one prompt at a time, up to float rounding)."""
-    todo = enumerate(prompts)
-    rows = BatchCache(decoder.cfg, batch, n_predict)
-    who = np.full(batch, -1)                                      # [B] the prompt in each row (-1: none left)
-    logits = np.zeros((batch, decoder.cfg.vocab_size), np.float32)  # [B, vocab] each row's next-token logits
-    tokens = np.zeros(batch, int)                                 # [B] each row's next input
-    out = [[] for _ in range(batch)]
-
-    def admit(b):  # the next prompt, if any, into row b
-        i, (cache, first) = next(todo, (-1, (None, None)))
-        who[b] = i
-        if i >= 0:
-            rows.put(b, cache)
-            logits[b], out[b] = first, []
-
-    for b in range(batch):
-        admit(b)
-    while True:
-        for b in range(len(who)):
-            while who[b] >= 0:  # the row's next token; a row that ends yields and takes the next prompt
-                t = int(np.argmax(logits[b]))
-                out[b].append(t)
-                if t != end_id and len(out[b]) < n_predict:
-                    tokens[b] = t
-                    break
-                yield int(who[b]), out[b]
-                admit(b)
-        live = np.nonzero(who >= 0)[0]
-        if len(live) == 0:
-            return
-        if len(live) <= len(who) // 2:  # no prompts left and half the rows ended: drop those
-            rows.pack(live)
-            who, logits, tokens, out = who[live], logits[live], tokens[live], [out[b] for b in live]
-        logits = rows.step(decoder, tokens)
-
-
-def beam_search(decoder, prompt, logits, beams, n_predict, end_id, alpha=1.0):
-    """The continuation of a prompt (its KV cache of batch 1, and the logits [vocab] after it) that beam search
-    with `beams` beams finds, ranked by the length-normalized log-probability
-
-        score(y) = log p(y | prompt) / len(y) ** alpha        (len(y) counts the end token)
-
-    alpha = 1: the mean log-probability per token; alpha = 0: the plain sum, which favours short captions. Each
-    step ranks every one-token extension of the live beams by summed log p: one that ends (end_id, or n_predict
-    tokens) and ranks among the first `beams` is set aside, scored; the best that do not end are the next beams.
-    It stops once `beams` have been set aside (transformers' early_stopping=True); one beam is greedy decoding.
-    -> ids (ending with end_id if it came)"""
-    vocab = decoder.cfg.vocab_size
-    rows = BatchCache(decoder.cfg, 1, n_predict)
-    rows.put(0, prompt)
-    seqs, sums, lp = [[]], np.zeros(1), log_softmax(logits.astype(np.float64))[None]  # live beams; [k]; [k, vocab]
-    done = []                                                     # (score, ids) of the candidates that ended
-    for step in range(n_predict):
-        total = sums[:, None] + lp                                # [k, vocab] sum log p of each extension
-        best = np.argsort(-total, axis=None, kind="stable")[:2 * beams]
-        parents, nxt = [], []
-        for rank, f in enumerate(best):  # an ended one among the `beams` best is set aside; the rest are beams
-            b, t = divmod(int(f), vocab)
-            ids = seqs[b] + [t]
-            if t == end_id or step == n_predict - 1:
-                if rank < beams:
-                    done.append((total[b, t] / len(ids) ** alpha, ids))
-            elif len(parents) < beams:
-                parents.append(b)
-                nxt.append(ids)
-        if len(done) >= beams or not parents:
-            break
-        if parents != list(range(len(seqs))):
-            rows.pack(np.array(parents))                          # each beam's cache: a copy of its parent's
-        seqs, sums = nxt, np.array([total[b, s[-1]] for b, s in zip(parents, nxt)])
-        lp = log_softmax(rows.step(decoder, np.array([s[-1] for s in seqs])).astype(np.float64))
-    return max(done, key=lambda d: d[0])[1]
-
-
 # -- captions ----------------------------------------------------------------------------------------------
 def evaluate_captions(llava, features, references, prompt=None, n_predict=40, batch=16, beams=1, images=None,
                       n_samples=5, progress=True):
@@ -309,67 +179,20 @@ class Question:
     kind: str = None  # easy-VQA's kind of answer: shape, colour or yes/no
 
 
-EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")  # easy-VQA's answers but yes/no and the colours
+EASY_VQA_KINDS = {"yes": "yes/no", "no": "yes/no", "circle": "shape", "rectangle": "shape", "triangle": "shape",
+                  **{c: "colour" for c in ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")}}
 
 
 def read_vqa(path, images=None, limit=None):
-    """A VQA file -> [Question] (the first `limit`). LLaVA's conversations (a JSON list, or JSON lines) or easy-VQA's
-    [question, answer, image_id] list, told apart by the first entry. A malformed entry (named by its line or
-    index) or a missing image stops with a TinyLlavaError."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise TinyLlavaError(f"{path}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise TinyLlavaError(f"{path}: not UTF-8 text") from None
-    if text.lstrip().startswith("["):  # one JSON list
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TinyLlavaError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        records = [(f"{path}: entry {n}", r) for n, r in enumerate(records)]
-    else:  # JSON lines
-        records = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise TinyLlavaError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    if not records:
-        raise TinyLlavaError(f"{path}: no questions")
-    easy = isinstance(records[0][1], list)
-    folder = Path(images) if images else path.parent / "images" if easy else path.parent
+    """A VQA file -> [Question] (the first `limit`): LLaVA's conversations (a JSON list, or JSON lines; the first
+    exchange of each) or easy-VQA's [question, answer, image_id] list, read by instruct.read_conversations (which
+    names a malformed entry, or a missing image). Each answer's kind (easy-VQA's: shape, colour or yes/no) is
+    noted for the report."""
+    from .instruct import read_conversations
     out = []
-    for where, rec in records[:limit]:
-        try:
-            if easy:
-                if not isinstance(rec, list) or len(rec) != 3:
-                    raise ValueError("not a list of 3")
-                question, answer, image_id = rec
-                if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
-                    raise ValueError("the image id must be a number or a string")
-                image = folder / f"{image_id}.png"
-            else:
-                human, gpt = rec["conversations"][:2]
-                if human["from"] != "human" or gpt["from"] != "gpt":
-                    raise ValueError("the first two turns must be from 'human' and then 'gpt'")
-                question, answer, image = human["value"].replace(IMAGE, "").strip(), gpt["value"], rec["image"]
-                if not isinstance(image, str):
-                    raise ValueError("'image' must be a string")
-                image = folder / image
-            if not (isinstance(question, str) and question.strip() and isinstance(answer, str) and answer.strip()):
-                raise ValueError("the question and the answer must be non-empty strings")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            shape = "[question, answer, image_id]" if easy else '{"image", "conversations": [human, gpt]}'
-            raise TinyLlavaError(f"{where}: malformed entry, expected {shape} ({type(e).__name__}: {e})") from None
-        if not image.is_file():
-            raise TinyLlavaError(f"{where}: image {image} does not exist")
-        kind = None
-        if easy:
-            kind = "yes/no" if answer in ("yes", "no") else "shape" if answer in EASY_VQA_SHAPES else "colour"
-        out.append(Question(image, question.strip(), answer.strip(), kind))
+    for c in read_conversations(path, images)[:limit]:
+        (question, answer), = c.turns[:1]
+        out.append(Question(c.image, question, answer, EASY_VQA_KINDS.get(normalize_answer(answer))))
     return out
 
 
@@ -554,9 +377,8 @@ def main(argv=None):
         fused.keep_freed_memory()
         decoding = args.captions or args.vqa  # decode with the quantized weights; score K x K with float32's
         load_matrix = fused.QuantMatrix.from_tensor if decoding and fused.ENGINE == "numba" else None
-        extra = {"adapter": args.adapter} if args.adapter is not None else {}  # load_llava's newer argument
         llava = load_llava(projector=args.projector, decoder=args.model, tower=False, load_matrix=load_matrix,
-                           **extra)
+                           adapter=args.adapter)
         cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
         cache.fill(VisionTower.load(vision_path()))
         if args.vqa:

@@ -112,19 +112,22 @@ class Conversation:
 
 
 def read_conversations(path, images=None):
-    """A LLaVA instruction JSON (a list) or JSONL (a record per line) -> [Conversation]. `images` is the folder
-    the records' image paths start from (default: the file's folder). Problems name the record or line."""
+    """A LLaVA instruction JSON (a list) or JSONL (a record per line) -> [Conversation]; or easy-VQA's
+    questions.json (a list of [question, answer, image id] rows, see easy_vqa_row). `images` is the folder the
+    image paths start from (default: the file's folder; for easy-VQA its images/). Problems name the record or
+    line."""
     path = Path(path)
-    folder = Path(images) if images else path.parent
     try:
         text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TinyLlavaError(f"{path}: cannot read ({e})") from None
+    except OSError as e:
+        raise TinyLlavaError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise TinyLlavaError(f"{path}: not UTF-8 text") from None
     if text.lstrip().startswith("["):
         try:
             records = [(f"{path}: record {i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise TinyLlavaError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise TinyLlavaError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     else:
         records = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -133,7 +136,12 @@ def read_conversations(path, images=None):
                     records.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise TinyLlavaError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return [parse_record(rec, where, folder) for where, rec in records]
+    if not records:
+        raise TinyLlavaError(f"{path}: no conversations")
+    if isinstance(records[0][1], list):  # easy-VQA's rows
+        folder = Path(images) if images else path.parent / "images"
+        return [easy_vqa_row(rec, where, folder, f"{path.parent.name}-{n}") for n, (where, rec) in enumerate(records)]
+    return [parse_record(rec, where, Path(images) if images else path.parent) for where, rec in records]
 
 
 def parse_record(rec, where, folder):
@@ -145,8 +153,8 @@ def parse_record(rec, where, folder):
     except (KeyError, TypeError) as e:
         raise TinyLlavaError(f"{where}: malformed record (needs 'image' and 'conversations' with 'from' and "
                              f"'value'; {type(e).__name__}: {e})") from None
-    if not isinstance(image, str) or not all(isinstance(v, str) for v in values):
-        raise TinyLlavaError(f"{where}: 'image' and every turn's 'value' must be strings")
+    if not isinstance(image, str) or not all(isinstance(v, str) and v.replace(IMAGE, "").strip() for v in values):
+        raise TinyLlavaError(f"{where}: 'image' and every turn's 'value' must be strings, the turns not empty")
     if "gpt" not in roles:
         raise TinyLlavaError(f"{where}: the conversation has no assistant (gpt) turn to learn from")
     if roles != ["human", "gpt"] * (len(roles) // 2) or len(roles) % 2:
@@ -156,8 +164,25 @@ def parse_record(rec, where, folder):
         raise TinyLlavaError(f"{where}: {IMAGE} must stand once, in the first human turn (found {n_image})")
     first = values[0].replace(IMAGE, "").strip()  # LLaVA moves the image to the front of the turn
     questions = [first] + [v.strip() for v in values[2::2]]
-    return Conversation(Path(folder) / image, list(zip(questions, [v.strip() for v in values[1::2]])),
+    return Conversation(image_file(folder / image, where), list(zip(questions, [v.strip() for v in values[1::2]])),
                         str(rec.get("id", "")))
+
+
+def easy_vqa_row(row, where, folder, id):
+    """One of easy-VQA's rows [question, answer, image id] -> Conversation, as stage 2 is taught: the question
+    with a capital letter, the answer as a sentence ("circle" -> "Circle.")."""
+    if not isinstance(row, list) or len(row) != 3 or not all(isinstance(v, str) and v.strip() for v in row[:2]) \
+            or not isinstance(row[2], (int, str)) or isinstance(row[2], bool):
+        raise TinyLlavaError(f"{where}: malformed row, expected [question, answer, image id]")
+    question, answer, image = row
+    return Conversation(image_file(folder / f"{image}.png", where), [(question[:1].upper() + question[1:],
+                                                                     sentence(answer))], id)
+
+
+def image_file(path, where):
+    if not path.is_file():
+        raise TinyLlavaError(f"{where}: image {path} does not exist")
+    return path
 
 
 def to_record(c, folder):
@@ -337,13 +362,7 @@ def pope_questions(examples, seed=0, n=3):
 def from_easy_vqa(folder):
     """easy-VQA's split folder (questions.json: [question, answer, image id], images/<id>.png) -> [Conversation],
     one question each."""
-    folder = Path(folder)
-    try:
-        rows = json.loads((folder / "questions.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TinyLlavaError(f"{folder / 'questions.json'}: not an easy-VQA question file ({e})") from None
-    return [Conversation(folder / "images" / f"{i}.png", [(q[:1].upper() + q[1:], sentence(a))], f"{folder.name}-{n}")
-            for n, (q, a, i) in enumerate(rows)]
+    return read_conversations(Path(folder) / "questions.json")
 
 
 # -- the command line --------------------------------------------------------------------------------------
