@@ -16,11 +16,11 @@ from tinyllava.train import load_checkpoint
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: pip install -e '.[mpi]' (CI installs it)")
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # one thread per rank on 2 cores
-def train_cmd(ranks, data, cache, out, model, *extra):
+def train_cmd(ranks, data, cache, out, model, *extra, hosts=None):
     cmd = [sys.executable, "-m", "tinyllava.train", "--data", str(data), "--cache", str(cache), "--out", str(out),
            "--model", str(model), "--batch", "4", "--steps", "12", "--checkpoint-every", "1", "--eval-every", "4",
            "--dev-images", "3", "--captions", "1", "--seed", "2", "--lr", "1e-2", *map(str, extra)]
-    return ([MPIEXEC, "-n", str(ranks)] if ranks > 1 else []) + cmd
+    return ([MPIEXEC, *(["-f", str(hosts)] if hosts else []), "-n", str(ranks)] if ranks > 1 else []) + cmd
 
 
 def params(run):
@@ -48,6 +48,18 @@ def test_two_ranks_train_the_weights_of_one_process(synthetic_data, tiny_decoder
     assert_same(params(tmp_path / "n1"), params(tmp_path / "n2"))
     logs = [(tmp_path / f"n{n}" / "log.jsonl").read_text().splitlines() for n in (1, 2)]
     assert len(logs[0]) == len(logs[1]) == 12                       # rank 0 alone writes the log
+
+
+def test_two_machines_through_a_host_file_as_the_readme_says(synthetic_data, tiny_decoder, tmp_path):
+    """The README's several-machine command, the two "machines" being two addresses of this one: MPI treats
+    them as two hosts (each rank alone on its node) and talks over TCP."""
+    data, cache = synthetic_data
+    (tmp_path / "hosts").write_text("localhost:1\n127.0.0.1:1\n")
+    for ranks, hosts in ((1, None), (2, tmp_path / "hosts")):
+        r = subprocess.run(train_cmd(ranks, data, cache, tmp_path / f"n{ranks}", tiny_decoder, hosts=hosts), env=ENV,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert_same(params(tmp_path / "n1"), params(tmp_path / "n2"))
 
 
 def test_a_killed_job_resumes_on_another_number_of_processes(synthetic_data, tiny_decoder, tmp_path):
