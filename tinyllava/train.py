@@ -101,8 +101,8 @@ def batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids=(), micro_ba
     user turn)."""
     need_dw = {k for k in params or () if not k.startswith("proj.")}   # the decoder's weights that train
     total, n_tokens = 0.0, 0
-    # float64 sums of float32 terms are exact (but for terms 2^29 times apart): the total does not depend on the
-    # order the images are added in, so several processes (parallel.py) give one process's numbers exactly
+    # a float64 sum of a few float32 terms is exact (unless their sizes lie some 2^25 apart): it does not depend on
+    # the order the images are added in, so several processes (parallel.py) give one process's weights exactly
     grads = {k: np.zeros(v.shape) for k, v in (params or {}).items()} or \
         {f"proj.{k}": np.zeros(v.shape) for k, v in proj.params.items()}
     text = decoder.embed(np.asarray(prefix_ids, int))                              # [T0, d]
