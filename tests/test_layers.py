@@ -8,7 +8,7 @@ APPLICATIONS = {"generate", "train", "evaluate", "bench", "bench_train", "export
 # application -> the applications it may use, and why
 USES = {"generate": {"trace"},        # --trace prints through trace.py
         "bench": {"llamacpp", "export"},  # the llama.cpp column: llamacpp.py drives it on an exported mmproj
-        "bench_train": {"bench"}}     # the same timing helpers
+        "bench_train": {"bench", "train"}}  # the same timing helpers; the training step it times
 
 
 def imports(path):  # -> [(line, module name inside the package)]

@@ -287,12 +287,10 @@ class FeatureCache:
         """Compute the missing images with the vision tower (tqdm progress), `chunk` at a time; share=(k, n):
         only every n-th missing image from the k-th (n processes filling one cache). An unreadable image stops,
         or is skipped (it stays missing) with on_error='skip'. -> indices that could not be read"""
-        from tqdm import tqdm
-
         from .image import preprocess
+        from .progress import bar
         todo, failed = np.nonzero(~self.done)[0][share[0]::share[1]], []
-        with tqdm(total=len(todo), desc="image features", unit="img", file=sys.stderr, dynamic_ncols=True,
-                  disable=None) as bar:
+        with bar(len(todo), "image features", "img") as progress:
             for s in range(0, len(todo), chunk):
                 idx, pixels = [], []
                 for i in todo[s:s + chunk]:
@@ -307,7 +305,7 @@ class FeatureCache:
                 if idx:
                     for i, f in zip(idx, tower.features(np.stack(pixels))):
                         self.put(i, f)
-                bar.update(len(todo[s:s + chunk]))
+                progress.update(len(todo[s:s + chunk]))
         return failed
 
 

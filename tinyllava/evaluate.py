@@ -34,7 +34,6 @@ prompt up to and including the image tokens.
 import argparse
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from .errors import TinyLlavaError, cli_errors
 from .llama import KVCache
 from .model import IMAGE, caption_ids, chat_prompt
 from .ops import log_softmax
+from .progress import bar
 
 
 # -- loss and retrieval ------------------------------------------------------------------------------------
@@ -86,17 +86,16 @@ def retrieval(logp, logp_none):
 
 def evaluate(llava, features, captions, n_generate=5, images=None, progress=True):
     """features: [K, 196, 768] of K images; captions: their reference captions (caption i of image i)."""
-    from tqdm import tqdm
-
     from .decoding import Sampling
     tok, dec = llava.tok, llava.decoder
     ids = caption_ids(tok, captions)
     K = len(ids)
     tokens = np.array([len(c) for c in ids])
     logp = np.zeros((K, K))
-    for i in tqdm(range(K), desc="K x K scores", unit="image", file=sys.stderr,
-                  disable=None if progress else True, dynamic_ncols=True):
-        logp[i], _ = caption_logprobs(dec, llava.projector.forward(features[i]), ids)
+    with bar(K, "K x K scores", "image", progress) as scored:
+        for i in range(K):
+            logp[i], _ = caption_logprobs(dec, llava.projector.forward(features[i]), ids)
+            scored.update()
     none, _ = caption_logprobs(dec, dec.embed([0]), ids)                          # prefix: <|endoftext|>
     shuffled = logp[(np.arange(K) + 1) % K, np.arange(K)]                         # each caption, the next image
     result = {"k": K, "chance": 1 / K, **retrieval(logp, none),
@@ -143,8 +142,6 @@ def evaluate_captions(llava, features, references, prompt=None, n_predict=40, ba
     is the plain template's continuation of the image tokens, or with `prompt` the chat answer to it. Greedy
     (greedy_decode, `batch` images at a time), or beam search with `beams` > 1.
     -> {bleu1..bleu4, cider, rouge_l, n, seconds, tokens, captions, samples}"""
-    from tqdm import tqdm
-
     from .metrics import score_captions
     dec, tok = llava.decoder, llava.tok
     t0 = time.perf_counter()
@@ -152,16 +149,15 @@ def evaluate_captions(llava, features, references, prompt=None, n_predict=40, ba
     tokens = (llava.projector.forward(features[i]) for i in range(N))            # [196, d] each, as needed
     prompts = plain_prompts(dec, tokens) if prompt is None else chat_prompts(llava, tokens, [[prompt]] * N)
     ids = [None] * N
-    with tqdm(total=N, desc="captions", unit="image", file=sys.stderr, disable=None if progress else True,
-              dynamic_ncols=True) as bar:
+    with bar(N, "captions", "image", progress) as done:
         if beams > 1:
             for i, (cache, logits) in enumerate(prompts):
                 ids[i] = beam_search(dec, cache, logits, beams, n_predict, tok.eos_id)
-                bar.update()
+                done.update()
         else:
             for i, seq in greedy_decode(dec, prompts, n_predict, tok.eos_id, batch):
                 ids[i] = seq
-                bar.update()
+                done.update()
     captions = [tok.decode([t for t in s if t != tok.eos_id]) for s in ids]
     result = score_captions(captions, references)
     result.update(seconds=time.perf_counter() - t0, tokens=sum(map(len, ids)), captions=captions,
@@ -271,7 +267,6 @@ def evaluate_vqa(llava, features, questions, n_predict=40, batch=16, n_samples=5
     """The chat answer (llava.answer's template, greedy) to each question about its image, scored by score_vqa.
     features[j]: [196, 768] of image j of distinct_images(questions). An image's questions share its prompt's
     KV cache up to the image tokens (chat_prompts). -> score_vqa's dict, with seconds, predictions, samples"""
-    from tqdm import tqdm
     t0 = time.perf_counter()
     by_image = {image: [] for image in distinct_images(questions)}                # image -> its questions' indices
     for i, q in enumerate(questions):
@@ -280,11 +275,10 @@ def evaluate_vqa(llava, features, questions, n_predict=40, batch=16, n_samples=5
     tokens = (llava.projector.forward(features[j]) for j in range(len(by_image)))  # [196, d] each, as needed
     prompts = chat_prompts(llava, tokens, [[questions[i].question for i in idx] for idx in by_image.values()])
     predictions = [None] * len(questions)
-    with tqdm(total=len(questions), desc="answers", unit="question", file=sys.stderr,
-              disable=None if progress else True, dynamic_ncols=True) as bar:
+    with bar(len(questions), "answers", "question", progress) as done:
         for k, ids in greedy_decode(llava.decoder, prompts, n_predict, llava.tok.eos_id, batch):
             predictions[order[k]] = llava.tok.decode([t for t in ids if t != llava.tok.eos_id])
-            bar.update()
+            done.update()
     result = score_vqa(predictions, questions)
     result.update(seconds=time.perf_counter() - t0, predictions=predictions,
                   samples=[{"image": str(q.image), "question": q.question, "answer": q.answer, "predicted": p}

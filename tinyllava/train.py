@@ -339,9 +339,8 @@ def train(cfg, log=print, world=None):
             f" ({sum(v.size for v in params.values()):,} numbers) on {len(train_idx)} images, {total} steps of "
             f"{cfg.batch}")
 
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=None if writer else True)  # None: shown on a terminal only
+    from .progress import bar
+    progress = bar(total, "train", "step", show=writer, initial=step)
     while step < total:
         t0 = time.perf_counter()
         epoch, k = divmod(step * cfg.batch, steps_per_epoch * cfg.batch)
@@ -367,11 +366,11 @@ def train(cfg, log=print, world=None):
         if writer:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.3f}", dev=f"{state['best_dev']:.3f}" if state["best_dev"] else "-")
-        bar.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.3f}", dev=f"{state['best_dev']:.3f}" if state["best_dev"] else "-")
+        progress.update(1)
         if writer and (step % cfg.checkpoint_every == 0 or step == total):
             save_checkpoint(ckpt, params, opt, step, state, cfg.projector)
-    bar.close()
+    progress.close()
     if writer and not dev_idx:
         save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.system": system})
     log(f"done: {out}" + (f" (best dev loss {state['best_dev']:.4f} at step {state['best_step']})" if dev_idx else ""))

@@ -97,9 +97,8 @@ def verify(path, expected):
 
 
 def _progress(total, desc):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
-                disable=not sys.stderr.isatty() and os.environ.get("TINYLLAVA_PROGRESS") != "1")
+    from .progress import bar
+    return bar(total, desc, "B", unit_scale=True)
 
 
 def _download_wheel(w, into):
