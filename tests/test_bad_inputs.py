@@ -306,7 +306,7 @@ def test_stage2_data_and_adapter_errors(tmp_path, tiny_decoder, synthetic_data, 
             "--batch", "1", "--init", proj]
     turn = lambda who, what: {"from": who, "value": what}  # noqa: E731
     for records, words in [
-            ('[{"image": "x.png", "conversations": [}]', ["d.json", "line 1"]),
+            ('[{"image": "x.png", "conversations": [}]', ["d.json:1", "not valid json"]),
             ([{"image": str(image), "conversations": [turn("human", "<image>\nHi")]}], ["record 0", "no assistant"]),
             ([{"image": str(image), "conversations": [turn("human", "Hi"), turn("gpt", "Yo")]}], ["record 0", "<image>"]),
             ([{"image": str(image), "conversations": [turn("human", "<image><image>"), turn("gpt", "Yo")]}],
