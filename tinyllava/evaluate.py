@@ -139,8 +139,8 @@ def evaluate_captions(llava, features, references, prompt=None, n_predict=40, ba
     """A caption of each image, scored against all of its human captions.
 
     features: indexable, features[i] [196, 768] of image i; references: a list of captions per image. The caption
-    is the plain template's continuation of the image tokens, or with `prompt` the chat answer to it. Greedy
-    (greedy_decode, `batch` images at a time), or beam search with `beams` > 1.
+    is the plain template's continuation of the image tokens (its first line), or with `prompt` the chat answer
+    to it. Greedy (greedy_decode, `batch` images at a time), or beam search with `beams` > 1.
     -> {bleu1..bleu4, cider, rouge_l, n, seconds, tokens, captions, samples}"""
     from .metrics import score_captions
     dec, tok = llava.decoder, llava.tok
@@ -158,7 +158,8 @@ def evaluate_captions(llava, features, references, prompt=None, n_predict=40, ba
             for i, seq in greedy_decode(dec, prompts, n_predict, tok.eos_id, batch):
                 ids[i] = seq
                 done.update()
-    captions = [tok.decode([t for t in s if t != tok.eos_id]) for s in ids]
+    # a caption is its first line: the plain template may run on past it ("... grass.\n\nThe dog ...")
+    captions = [tok.decode([t for t in s if t != tok.eos_id]).strip().split("\n")[0] for s in ids]
     result = score_captions(captions, references)
     result.update(seconds=time.perf_counter() - t0, tokens=sum(map(len, ids)), captions=captions,
                   samples=[{"image": str(images[i]) if images is not None else i, "generated": captions[i],
