@@ -17,7 +17,7 @@ weights it needs:
         then x @ tile.T by BLAS sgemm. Each weight is unpacked once and used by all T rows of x; for T beyond
         a handful, sgemm is much faster than any loop here.
 
-Engines: with numba installed (`pip install -e ".[fast]"`), the loops below are compiled to machine code
+Engines: with numba (a dependency of tinyllava), the loops below are compiled to machine code
 (parallel over output rows, cached on disk after the first compilation). Without numba (or with
 `fused.ENGINE = "numpy"`, or TINYLLAVA_NO_NUMBA=1) every product goes through the dequantized tiles and NumPy:
 the same numbers up to float32 rounding and the same memory, but decoding dequantizes every matrix for every
