@@ -153,7 +153,7 @@ def parse_record(rec, where, folder):
     except (KeyError, TypeError) as e:
         raise TinyLlavaError(f"{where}: malformed record (needs 'image' and 'conversations' with 'from' and "
                              f"'value'; {type(e).__name__}: {e})") from None
-    if not isinstance(image, str) or not all(isinstance(v, str) and v.replace(IMAGE, "").strip() for v in values):
+    if not isinstance(image, str) or not all(isinstance(v, str) and v.strip() for v in values):
         raise TinyLlavaError(f"{where}: 'image' and every turn's 'value' must be strings, the turns not empty")
     if "gpt" not in roles:
         raise TinyLlavaError(f"{where}: the conversation has no assistant (gpt) turn to learn from")
