@@ -148,6 +148,11 @@ def gguf_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_unpermute(w, n_head):
+    """The GGUF's Q/K rows -> transformers' (the inverse of gguf_permute)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
@@ -192,3 +197,30 @@ def hf_input_grad(ids_or_x, at, targets):
     loss = torch.nn.functional.cross_entropy(logits[torch.as_tensor(at)], torch.as_tensor(targets), reduction="sum")
     loss.backward()
     return float(loss.detach()), x.grad[0].numpy()
+
+
+def greedy_with_adapters(model, x, n):
+    """transformers' greedy continuation of the prompt embeddings x [T, d] by SmolLM2 with the LoRA adapters of
+    tinyllava's `model` merged in: each W + (alpha/r) B A written into a fresh LlamaForCausalLM's weights (Q and
+    K rows brought to transformers' order). Stops at the end-of-turn token, like tinyllava."""
+    import torch
+
+    from tinyllava.lora import LoRA
+    from tinyllava.reference import llama_causal_lm
+    hf = llama_causal_lm(weights.decoder_path())
+    cfg = hf.config
+    merged = 0
+    with torch.no_grad():
+        for name, w in model.named_weights().items():
+            if isinstance(w, LoRA):
+                _, i, short, _ = name.split(".")
+                delta = w.scale * (w.b @ w.a)
+                if short in ("attn_q", "attn_k"):
+                    delta = gguf_unpermute(delta, cfg.num_attention_heads if short == "attn_q"
+                                           else cfg.num_key_value_heads)
+                hf.model.layers.get_submodule(f"{i}.{HF_NAMES[short]}").weight += torch.as_tensor(delta)
+                merged += 1
+        assert merged, "no adapters to merge"
+        out = hf.generate(inputs_embeds=torch.as_tensor(np.asarray(x, np.float32))[None], max_new_tokens=n,
+                          do_sample=False, attention_mask=torch.ones(1, len(x), dtype=torch.long))
+    return out[0].tolist()

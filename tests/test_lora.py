@@ -33,6 +33,8 @@ def test_a_fresh_adapter_changes_nothing_and_a_trained_one_is_w_plus_s_b_a():
 def test_save_and_load_round_trip(tmp_path):
     model = tiny_llama(0, dtype=np.float32)
     trained(model)
+    for m in lora.adapters(model).values():  # the file holds float16 (llama.cpp's converter's choice)
+        m.a[...], m.b[...] = m.a.astype(np.float16), m.b.astype(np.float16)
     x = np.random.default_rng(1).standard_normal((1, 4, model.cfg.dim)).astype(np.float32)
     want = model.forward(x)
     lora.save(tmp_path / "a.gguf", model, alpha=6.0)
@@ -41,6 +43,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert g.types["adapter.lora.alpha"][0].name == "FLOAT32"                 # llama.cpp aborts on float64
     assert g.tensors["blk.0.attn_q.weight.lora_a"].shape == (3, model.cfg.dim)  # [r, n_in], ggml [n_in, r]
     assert g.tensors["blk.1.ffn_down.weight.lora_b"].shape == (model.cfg.dim, 3)  # [n_out, r]
+    assert g.tensors["blk.1.ffn_down.weight.lora_b"].type.name == "F16"
     fresh = tiny_llama(0, dtype=np.float32)
     lora.load(tmp_path / "a.gguf", fresh)
     np.testing.assert_allclose(fresh.forward(x), want, rtol=1e-6, atol=1e-6)

@@ -77,10 +77,11 @@ def adapters(decoder):  # -> {GGUF weight name: LoRA} of the decoder's wrapped m
 
 
 def save(path, decoder, alpha, metadata=None):
-    """The decoder's adapters as llama.cpp's LoRA GGUF (A and B in float32)."""
+    """The decoder's adapters as llama.cpp's LoRA GGUF, A and B in float16 as llama.cpp's own converter writes
+    them: half the file (training keeps float32 in its checkpoint)."""
     tensors = {}
     for name, m in adapters(decoder).items():
-        tensors[name + ".lora_a"], tensors[name + ".lora_b"] = m.a, m.b
+        tensors[name + ".lora_a"], tensors[name + ".lora_b"] = m.a.astype(np.float16), m.b.astype(np.float16)
     meta = {"general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora",
             "adapter.lora.alpha": float(alpha), "general.name": "tinyllava stage-2 LoRA", **(metadata or {})}
     return write_gguf(path, meta, tensors, types={"adapter.lora.alpha": (ValueType.FLOAT32, None)})
