@@ -47,6 +47,8 @@ def test_save_and_load_round_trip(tmp_path):
     fresh = tiny_llama(0, dtype=np.float32)
     lora.load(tmp_path / "a.gguf", fresh)
     np.testing.assert_allclose(fresh.forward(x), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TinyLlavaError, match="adapters already"):  # stacked adapters would have no merged()
+        lora.load(tmp_path / "a.gguf", fresh)
 
 
 def test_the_adapter_runs_beside_quantized_products():

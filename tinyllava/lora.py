@@ -93,6 +93,8 @@ def load(path, decoder):
     if g.get("general.type") != "adapter" or g.get("adapter.type") != "lora":
         g.fail("is not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')")
     weights = decoder.named_weights()
+    if adapters(decoder):
+        g.fail("cannot go on this decoder: it has adapters already (load the base model again)")
     pairs = {}
     for name in g.tensors:
         base, _, part = name.rpartition(".")
