@@ -1,0 +1,56 @@
+"""The committed stage-2 model (weights/stage2-projector.gguf + stage2-lora.gguf): its answers, with the adapters
+beside the float32 or the quantized products, are transformers' answers with the adapters merged into SmolLM2,
+token for token; and `generate` uses it for questions about images unless told --stage 1."""
+import subprocess
+import sys
+
+import pytest
+
+from tinyllava import fused
+from tinyllava.decoding import Sampling, generate
+from tinyllava.image import preprocess
+from tinyllava.model import Chat, load_llava, stage2_paths
+from tinyllava.weights import demo_photos
+
+QUESTIONS = ["Is there a person in the image? Answer yes or no.", "What is happening in this image?"]
+
+
+def image_and_prompts(llava, photo):
+    """The photo's 196 image tokens, and the prompt embeddings [1, T, d] of each question about it."""
+    tokens = llava.image_tokens(preprocess(photo, pad=True)[None])[0]            # [196, d], as generate pads
+    return tokens, [Chat(llava, [tokens]).prompt(q)[0] for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return demo_photos()["astronaut.png"]
+
+
+def test_the_committed_files_are_there():
+    assert all(p.exists() for p in stage2_paths()), "weights/stage2-*.gguf are committed with the repository"
+
+
+@pytest.mark.parametrize("engine", ["float32", "fused"])
+def test_answers_equal_transformers_with_the_adapters_merged(engine, photo, reference):
+    projector, adapter = stage2_paths()
+    load_matrix = fused.QuantMatrix.from_tensor if engine == "fused" else None
+    llava = load_llava(projector, adapter=adapter, load_matrix=load_matrix)
+    _, prompts = image_and_prompts(llava, photo)
+    for x in prompts:
+        ours = list(generate(llava.decoder, x, Sampling(24), {llava.tok.eos_id}))
+        assert ours == reference.greedy_with_adapters(llava.decoder, x[0], 24), llava.tok.decode(ours)
+
+
+def test_generate_answers_about_an_image_with_stage2_unless_told(photo):
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "tinyllava.generate", "--image", photo, "-p", QUESTIONS[0], *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    projector, adapter = stage2_paths()
+    stage2 = load_llava(projector, adapter=adapter, load_matrix=fused.QuantMatrix.from_tensor)
+    stage1 = load_llava(load_matrix=fused.QuantMatrix.from_tensor)
+    for llava, args in ((stage2, ()), (stage1, ("--stage", "1"))):
+        tokens, _ = image_and_prompts(llava, photo)
+        assert cli(*args) == llava.answer(QUESTIONS[0], [tokens]).strip()
