@@ -110,7 +110,7 @@ def test_read_vqa_bad_input(tmp_path):
                        "turns.json: record 1: the conversation has no assistant|turns.json: record 1: turns must"),
         "empty_q.jsonl": (json.dumps({**good, "conversations": [{"from": "human", "value": "<image>"},
                                                                 {"from": "gpt", "value": "A"}]}),
-                          "empty_q.jsonl:1: .*not empty"),
+                          "empty_q.jsonl:1: .*empty"),
         "missing.json": (json.dumps([good, {**good, "image": "gone.png"}]), "record 1: image"),
         "easy.json": (json.dumps([["q?", "yes", 0], ["q?", "yes"]]), "easy.json: record 1: malformed row"),
         "easy2.json": (json.dumps([["q?", "yes", 0], ["q?", "no", 5]]), "record 1: image .*5.png does not exist"),

@@ -153,8 +153,8 @@ def parse_record(rec, where, folder):
     except (KeyError, TypeError) as e:
         raise TinyLlavaError(f"{where}: malformed record (needs 'image' and 'conversations' with 'from' and "
                              f"'value'; {type(e).__name__}: {e})") from None
-    if not isinstance(image, str) or not all(isinstance(v, str) and v.strip() for v in values):
-        raise TinyLlavaError(f"{where}: 'image' and every turn's 'value' must be strings, the turns not empty")
+    if not isinstance(image, str) or not all(isinstance(v, str) for v in values):
+        raise TinyLlavaError(f"{where}: 'image' and every turn's 'value' must be strings")
     if "gpt" not in roles:
         raise TinyLlavaError(f"{where}: the conversation has no assistant (gpt) turn to learn from")
     if roles != ["human", "gpt"] * (len(roles) // 2) or len(roles) % 2:
@@ -162,6 +162,8 @@ def parse_record(rec, where, folder):
     n_image = sum(v.count(IMAGE) for v in values)
     if n_image != 1 or IMAGE not in values[0]:
         raise TinyLlavaError(f"{where}: {IMAGE} must stand once, in the first human turn (found {n_image})")
+    if not all(v.replace(IMAGE, "").strip() for v in values):
+        raise TinyLlavaError(f"{where}: a turn is empty ({IMAGE} alone asks nothing)")
     first = values[0].replace(IMAGE, "").strip()  # LLaVA moves the image to the front of the turn
     questions = [first] + [v.strip() for v in values[2::2]]
     return Conversation(image_file(folder / image, where), list(zip(questions, [v.strip() for v in values[1::2]])),
