@@ -199,28 +199,31 @@ def hf_input_grad(ids_or_x, at, targets):
     return float(loss.detach()), x.grad[0].numpy()
 
 
-def greedy_with_adapters(model, x, n):
-    """transformers' greedy continuation of the prompt embeddings x [T, d] by SmolLM2 with the LoRA adapters of
-    tinyllava's `model` merged in: each W + (alpha/r) B A written into a fresh LlamaForCausalLM's weights (Q and
-    K rows brought to transformers' order). Stops at the end-of-turn token, like tinyllava."""
+def with_adapters(model):
+    """A fresh transformers SmolLM2 with the LoRA adapters of tinyllava's `model` merged in: each W + (alpha/r) B A
+    written into its weights (Q and K rows brought to transformers' order)."""
     import torch
 
-    from tinyllava.lora import LoRA
+    from tinyllava.lora import adapters
     from tinyllava.reference import llama_causal_lm
     hf = llama_causal_lm(weights.decoder_path())
     cfg = hf.config
-    merged = 0
+    assert adapters(model), "no adapters to merge"
     with torch.no_grad():
-        for name, w in model.named_weights().items():
-            if isinstance(w, LoRA):
-                _, i, short, _ = name.split(".")
-                delta = w.scale * (w.b @ w.a)
-                if short in ("attn_q", "attn_k"):
-                    delta = gguf_unpermute(delta, cfg.num_attention_heads if short == "attn_q"
-                                           else cfg.num_key_value_heads)
-                hf.model.layers.get_submodule(f"{i}.{HF_NAMES[short]}").weight += torch.as_tensor(delta)
-                merged += 1
-        assert merged, "no adapters to merge"
+        for name, w in adapters(model).items():
+            _, i, short, _ = name.split(".")
+            delta = w.scale * (w.b @ w.a)
+            if short in ("attn_q", "attn_k"):
+                delta = gguf_unpermute(delta, cfg.num_attention_heads if short == "attn_q" else cfg.num_key_value_heads)
+            hf.model.layers.get_submodule(f"{i}.{HF_NAMES[short]}").weight += torch.as_tensor(delta)
+    return hf
+
+
+def greedy_embeds(hf, x, n):
+    """transformers' greedy continuation of the prompt embeddings x [T, d] (stops at the end-of-turn token, like
+    tinyllava)."""
+    import torch
+    with torch.no_grad():
         out = hf.generate(inputs_embeds=torch.as_tensor(np.asarray(x, np.float32))[None], max_new_tokens=n,
                           do_sample=False, attention_mask=torch.ones(1, len(x), dtype=torch.long))
     return out[0].tolist()
