@@ -123,3 +123,14 @@ def test_easy_vqa_folder(tmp_path):
     (tmp_path / "questions.json").write_text(json.dumps([["what shape is in the image?", "circle", 3]]))
     (c,) = instruct.from_easy_vqa(tmp_path)
     assert c.image == tmp_path / "images" / "3.png" and c.turns == [("What shape is in the image?", "Circle.")]
+
+
+def test_photos_keeps_some_photos_with_their_own_conversations(synthetic_data, tmp_path):
+    """--photos N: the conversations of N train photos, each photo's the same as in the full set."""
+    data, _ = synthetic_data
+    instruct.main(["captions", "--data", str(data), "--out", str(tmp_path / "all")])
+    instruct.main(["captions", "--data", str(data), "--out", str(tmp_path / "some"), "--photos", "3"])
+    full, some = (json.loads((tmp_path / d / "flickr8k-train.json").read_text()) for d in ("all", "some"))
+    assert len({c["image"] for c in some}) == 3 and some == [c for c in full if c["image"] in {s["image"] for s in some}]
+    with pytest.raises(SystemExit):
+        instruct.main(["captions", "--data", str(data), "--out", str(tmp_path / "none"), "--photos", "0"])

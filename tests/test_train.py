@@ -151,6 +151,13 @@ def test_stage2_training_lowers_the_loss(synthetic_data, instructions, tiny_deco
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert np.mean([r["loss"] for r in log[-5:]]) < np.mean([r["loss"] for r in log[:5]]) - 0.3
     assert (tmp_path / "run" / ("decoder.gguf" if full else "adapter.gguf")).exists()
+    if not full:  # a second run goes on from the saved projector and adapter: its first loss is the trained one
+        run = tmp_path / "run"
+        train(stage2_args(instructions, cache, tmp_path / "again", tiny_decoder, steps=1, lr=1e-9,
+                          init=run / "projector.gguf", init_adapter=run / "adapter.gguf"), log=lambda s: None)
+        again = json.loads((tmp_path / "again" / "log.jsonl").read_text().splitlines()[0])
+        best = min(r["dev_loss"] for r in log if "dev_loss" in r)
+        assert again["loss"] < log[0]["loss"] - 0.3 and again["dev_loss"] == pytest.approx(best, abs=2e-3)
 
 
 @pytest.mark.parametrize("full", [False, True])

@@ -377,6 +377,9 @@ def main(argv=None):
     f.add_argument("--out", required=True, help="folder for NAME-train.json, NAME-dev.json, NAME-pope-dev.json")
     f.add_argument("--name", default="flickr8k")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--photos", type=int, help="keep the conversations of only this many train photos, spread "
+                   "evenly (each photo's conversations are those of the full set): to mix with easy-VQA at "
+                   "another ratio")
     e = sub.add_parser("easy-vqa", help="easy-VQA's train questions (fetched from PyPI, pinned)")
     e.add_argument("--out", required=True, help="folder for easy-vqa-train.json and easy-vqa-dev.json")
     e.add_argument("--dev-images", type=int, default=200,
@@ -392,7 +395,13 @@ def main(argv=None):
             dev = [e for e in examples if e.split == "dev"]
             if not train or not dev:
                 raise TinyLlavaError(f"{args.data}: needs both train and dev photos")
-            files = {f"{args.name}-train.json": build_from_pairs(train, args.seed),
+            convs = build_from_pairs(train, args.seed)
+            if args.photos is not None:
+                if not 1 <= args.photos <= len(train):
+                    raise TinyLlavaError(f"--photos must be between 1 and {len(train)}, not {args.photos}")
+                keep = {train[i].image for i in np.linspace(0, len(train) - 1, args.photos).round().astype(int)}
+                convs = [c for c in convs if c.image in keep]
+            files = {f"{args.name}-train.json": convs,
                      f"{args.name}-dev.json": build_from_pairs(dev, args.seed),
                      f"{args.name}-pope-dev.json": pope_questions(dev, args.seed)}
         else:

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_every: int = 50
     fresh: bool = False
     init: str = None
+    init_adapter: str = None
     cache: str = None
     crop: bool = False
     model: str = None
@@ -84,6 +85,8 @@ class TrainConfig:
             raise TinyLlavaError(f"unknown projector {self.projector!r} (choose from {', '.join(KINDS)})")
         if self.stage not in (1, 2):
             raise TinyLlavaError(f"--stage must be 1 or 2, not {self.stage}")
+        if self.init_adapter and (self.stage != 2 or self.full):
+            raise TinyLlavaError("--init-adapter goes with stage 2's LoRA training (--stage 2, without --full)")
         if self.stage == 2 and not self.full and self.lora_rank < 1:
             raise TinyLlavaError(f"--lora-rank must be at least 1, not {self.lora_rank}")
         self.data = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
@@ -257,6 +260,14 @@ def trainable(cfg, decoder, proj):
     params = {f"proj.{k}": v for k, v in proj.params.items()}
     if cfg.stage == 2 and cfg.full:
         params |= decoder.named_weights()
+    elif cfg.init_adapter:  # go on training an adapter: it keeps its own targets
+        lora.load(cfg.init_adapter, decoder)
+        for name, m in lora.adapters(decoder).items():
+            if m.a.shape[0] != cfg.lora_rank or m.scale != np.float32(cfg.lora_alpha / cfg.lora_rank):
+                raise TinyLlavaError(f"{cfg.init_adapter}: rank {m.a.shape[0]} and scale {m.scale:g}, not the run's "
+                                     f"--lora-rank {cfg.lora_rank} and --lora-alpha {cfg.lora_alpha:g}")
+            m.a, m.b = np.array(m.a, np.float32), np.array(m.b, np.float32)
+            params |= {f"{name}.lora_a": m.a, f"{name}.lora_b": m.b}
     elif cfg.stage == 2:
         targets = lora.TARGETS if cfg.lora_targets == "all" else tuple(cfg.lora_targets.split(","))
         params |= lora.attach(decoder, cfg.lora_rank, cfg.lora_alpha, targets, seed=cfg.seed)
@@ -412,6 +423,8 @@ def parser():
     ap.add_argument("--model", help="decoder GGUF (default: the fetched SmolLM2)")
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                     help="a malformed data line or unreadable image: stop, or skip it and go on")
+    ap.add_argument("--init-adapter", help="stage 2: go on training this LoRA GGUF (with --init, the projector "
+                    "trained with it) instead of new adapters")
     ap.add_argument("--full", action="store_true", help="stage 2: train every weight of the language model, not LoRA")
     ap.add_argument("--lora-rank", type=int, default=16, help="stage 2: rank r of the adapters")
     ap.add_argument("--lora-alpha", type=float, default=32.0, help="stage 2: the adapters' scale is alpha / r")
