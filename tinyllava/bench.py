@@ -323,7 +323,8 @@ def collect(args):
                 res.update(ttft)
         results[engine], notes[engine] = res, err
     return {"threads": args.threads, "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
-            "reps": args.reps, "cpu": cpu_name(), "cores": os.cpu_count(), "load_average": load_average(),
+            "reps": args.reps, "cpu": cpu_name(), "vector_extensions": vector_extensions(),
+            "numba_target": numba_target(), "cores": os.cpu_count(), "load_average": load_average(),
             "model_files_mb": model_files_mb(), "results": results,
             "errors": {k: v for k, v in notes.items() if v}, "ratios": ratios(results)}
 
@@ -355,6 +356,31 @@ def cpu_name():
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return "unknown CPU"
+
+
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx_vnni", "gfni", "amx_int8")
+
+
+def vector_extensions():  # -> the CPU's vector extensions among VECTOR_FLAGS, as /proc/cpuinfo names them
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [v for v in VECTOR_FLAGS if v in flags]
+
+
+def numba_target():  # the CPU numba compiles the fused loops for: the host's, or NUMBA_CPU_NAME's
+    """NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx,+avx2,+fma,+f16c compiles the AVX2 code on any x86 machine
+    (with NUMBA_CPU_NAME alone, numba keeps the host's features: AVX-512 on a CPU that has it)."""
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return None
+    name = os.environ.get("NUMBA_CPU_NAME")
+    return f"{name} (features {os.environ.get('NUMBA_CPU_FEATURES') or 'of the host'})" if name else \
+        llvm.get_host_cpu_name()
 
 
 def model_files_mb():
@@ -406,7 +432,9 @@ def table(report):
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio[key]} |")
     load = report.get("load_average")
     notes = [f"{report['threads']} threads, {report['cpu']} ({report.get('cores')} cores, load average "
-             f"{load if load is not None else '?'} before the run); prompt {report['prompt_tokens']} tokens, "
+             f"{load if load is not None else '?'} before the run; "
+             f"{' '.join(report.get('vector_extensions') or ['no vector extensions known'])}; numba compiles for "
+             f"{report.get('numba_target') or '-'}); prompt {report['prompt_tokens']} tokens, "
              f"{report['decode_tokens']} decoded, median of {report['reps']}; model files {files:.0f} MB "
              f"({' + '.join(f'{v:.0f}' for v in report['model_files_mb'].values())}).",
              "[1] llama.cpp's vision tower runs tinyllava's exported mmproj: it needs weights/projector.gguf.",
