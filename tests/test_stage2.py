@@ -8,6 +8,7 @@ import pytest
 
 from tinyllava import fused
 from tinyllava.decoding import Sampling, generate
+from tinyllava.generate import CAPTION_REQUEST
 from tinyllava.image import preprocess
 from tinyllava.model import Chat, load_llava, stage2_paths
 from tinyllava.weights import demo_photos
@@ -43,8 +44,10 @@ def test_answers_equal_transformers_with_the_adapters_merged(engine, photo, refe
 
 
 def test_generate_answers_about_an_image_with_stage2_unless_told(photo):
+    """A question goes to stage 2 by default; with no question, stage 2 is asked for a caption and stage 1 (as it
+    was trained) sees the image alone."""
     def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "tinyllava.generate", "--image", photo, "-p", QUESTIONS[0], *args],
+        r = subprocess.run([sys.executable, "-m", "tinyllava.generate", "--image", photo, *args],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
@@ -52,6 +55,8 @@ def test_generate_answers_about_an_image_with_stage2_unless_told(photo):
     projector, adapter = stage2_paths()
     stage2 = load_llava(projector, adapter=adapter, load_matrix=fused.QuantMatrix.from_tensor)
     stage1 = load_llava(load_matrix=fused.QuantMatrix.from_tensor)
-    for llava, args in ((stage2, ()), (stage1, ("--stage", "1"))):
-        tokens, _ = image_and_prompts(llava, photo)
-        assert cli(*args) == llava.answer(QUESTIONS[0], [tokens]).strip()
+    (tokens2, _), (tokens1, _) = image_and_prompts(stage2, photo), image_and_prompts(stage1, photo)
+    assert cli("-p", QUESTIONS[0]) == stage2.answer(QUESTIONS[0], [tokens2]).strip()
+    assert cli("-p", QUESTIONS[0], "--stage", "1") == stage1.answer(QUESTIONS[0], [tokens1]).strip()
+    assert cli() == stage2.answer(CAPTION_REQUEST, [tokens2]).strip()
+    assert cli("--stage", "1") == stage1.caption(tokens1).strip()

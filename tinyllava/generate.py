@@ -10,6 +10,9 @@ import time
 
 from .decoding import Sampling
 from .errors import TinyLlavaError, cli_errors
+from .instruct import BRIEF
+
+CAPTION_REQUEST = BRIEF[0]  # "Describe the image concisely.": the stage-2 model's best captions (README)
 
 
 def check_text(text, what="the prompt"):
@@ -48,7 +51,8 @@ def parser():
   python -m tinyllava.generate -p "What is the capital of France?"   # text only
 """)
     ap.add_argument("--image", action="append", metavar="PATH", help="an image (repeat for several)")
-    ap.add_argument("-p", "--prompt", help="the user's message (with an image and no prompt: caption it)")
+    ap.add_argument("-p", "--prompt", help="the user's message (with an image and no prompt: caption it; the stage-2 "
+                    f"model is asked {CAPTION_REQUEST!r}, stage 1 sees the image alone, as it was trained)")
     ap.add_argument("--chat", action="store_true", help="a conversation: read more turns from stdin")
     ap.add_argument("-sys", "--system-prompt", help="system message (default: the model's own)")
     ap.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens to generate per answer (256)")
@@ -107,12 +111,24 @@ def main(argv=None):
             if adapter:  # text only: the stage-2 language model, without the vision side
                 llava = load_llava(projector, args.model, tower=False, load_matrix=load_matrix, adapter=adapter)
         observe = lambda: trace.decoding(llava.tok, args.temp) if args.trace else {}  # noqa: E731
+
+        def ask(chat, question):  # -> tokens generated
+            check_text(question, "the question")
+            if args.trace:
+                trace.prompt(llava.tok, chat.prompt(question)[1], len(tokens[0]) if tokens else 0)
+            chat.ask(question, sampling, write, **observe())
+            write("\n")
+            return len(chat.ids)
+
         t1 = time.perf_counter()
         count = 0
-        if captions:  # the plain template, image by image
+        if captions:  # image by image: a tuned model asked for a caption, stage 1 in its plain template
             for path, x in zip(images, tokens):
                 if len(images) > 1:
                     write(f"{path}: ")
+                if adapter:
+                    count += ask(Chat(llava, [x], args.system_prompt), CAPTION_REQUEST)
+                    continue
                 if args.trace:
                     trace.prompt(llava.tok, [IMAGE], len(x))
                 count += len(llava.complete(x[None], sampling, write, **observe())[1])
@@ -121,12 +137,7 @@ def main(argv=None):
             chat = Chat(llava, tokens, args.system_prompt)
             question = args.prompt if args.prompt is not None else input_turn()
             while question is not None:
-                check_text(question, "the question")
-                if args.trace:
-                    trace.prompt(llava.tok, chat.prompt(question)[1], len(tokens[0]) if tokens else 0)
-                chat.ask(question, sampling, write, **observe())
-                write("\n")
-                count += len(chat.ids)
+                count += ask(chat, question)
                 question = input_turn() if args.chat else None
         t2 = time.perf_counter()
         print(f"[load {t1 - t0:.1f} s, {count} tokens in {t2 - t1:.1f} s, {count / (t2 - t1):.1f} tok/s]",
