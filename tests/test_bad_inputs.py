@@ -189,7 +189,7 @@ def test_bad_prompts(capsys):
     long_prompt = "many words " * 5000  # more than the 8192-token context
     for args, what in [(["-p", ""], "empty"), (["-p", " \n\t"], "empty"), (["-p", "bad \udcff byte"], "utf-8"),
                        (["-p", long_prompt], "longer than the context"), (["-p", "hi", "-n", "0"], "-n"),
-                       (["-p", "hi", "--top-p", "0"], "top-p")]:
+                       (["-p", "hi", "--top-p", "0"], "top-p"), (["-p", "hi", "-t", "0"], "--threads")]:
         r = run(generate.main, *args, capsys=capsys)
         assert_one_line_error(r[0], r[2], what)
 

@@ -77,6 +77,24 @@ def keep_freed_memory():
         pass
 
 
+def set_threads(n):
+    """Run the products on n threads: numba's loops, and the OpenBLAS behind NumPy's sgemm (found among the
+    process's mapped libraries, as NumPy's wheels bundle it; Linux). Process-wide, like keep_freed_memory."""
+    if numba:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
+    except OSError:
+        return
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(n))
+                break
+
+
 try:  # numba compiles the loops below; without it they stay Python and only the NumPy path is used
     import numba
 except ImportError:
@@ -346,7 +364,7 @@ class QuantMatrix:
             x2 = np.array(x2, dtype, order="C")
         if ENGINE == "numba" and dtype == np.float32 and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
             y = np.empty((x2.shape[0], self.shape[0]), dtype)                           # [M, n_out]
-            parallel = numba.config.NUMBA_NUM_THREADS > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
+            parallel = numba.get_num_threads() > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
             (matvec if parallel else matvec_1thread)(self.w, x2, y, KERNELS[self.type], QK // 2)
         else:  # many rows: a tile of W at a time in float32, times all of x by BLAS (sgemm)
             y = None

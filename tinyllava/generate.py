@@ -5,6 +5,7 @@
 Only the answer goes to stdout (streamed as it is decoded); diagnostics go to stderr.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -40,6 +41,25 @@ def write(text):
     sys.stdout.flush()
 
 
+def idle_cores():
+    """The cores other programs leave free, at least one: all of them less the threads running right now in
+    other processes (Linux's /proc; elsewhere the 1-minute load average). Each token runs ~200 parallel loops,
+    each waiting for its slowest thread: a thread that shares its core with a busy program makes decoding about
+    ten times slower than one thread alone."""
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])    # "running/total" tasks of the machine
+        mine = 0                                                # this process's own (BLAS threads may spin)
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat") as f:
+                mine += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        busy = running - mine
+    except (OSError, ValueError, IndexError):
+        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
+
+
 def parser():
     ap = argparse.ArgumentParser(
         prog="python -m tinyllava.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,6 +76,8 @@ def parser():
     ap.add_argument("--chat", action="store_true", help="a conversation: read more turns from stdin")
     ap.add_argument("-sys", "--system-prompt", help="system message (default: the model's own)")
     ap.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens to generate per answer (256)")
+    ap.add_argument("-t", "--threads", type=int, help="threads for the products (default: the cores other programs "
+                    "leave idle, from the load average)")
     ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
@@ -89,6 +111,9 @@ def main(argv=None):
         fused.keep_freed_memory()
         use_fused = args.fused if args.fused is not None else fused.ENGINE == "numba"
         load_matrix = fused.QuantMatrix.from_tensor if use_fused else None
+        if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
+            raise TinyLlavaError(f"--threads must be between 1 and the {os.cpu_count()} cores")
+        fused.set_threads(args.threads or idle_cores())
         images = args.image or []
         captions = args.prompt is None and not args.chat
         if not images and captions:  # no arguments: a demo photo
