@@ -148,6 +148,11 @@ def test_cli_vqa(synthetic_data, tiny_decoder, tmp_path):
     assert out["n"] == 8 and set(out["yes_no"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
     assert out["yes_no"]["n"] == 2 and out["by_kind"]["shape"]["n"] == 3 and out["by_kind"]["colour"]["n"] == 3
     assert set(out["samples"][0]) == {"image", "question", "answer", "predicted"}
+    r = run_vqa(tmp_path / "questions.json", "--images", data / "images", "--skip", 7, "--json", *common)
+    assert r.returncode == 0 and json.loads(r.stdout)["n"] == 2, r.stderr   # the last 2 of 9 questions
+    assert json.loads(r.stdout)["by_kind"]["yes/no"]["n"] == 1
+    r = run_vqa(tmp_path / "questions.json", "--images", data / "images", "--skip", 9, *common)
+    assert r.returncode == 2 and "no questions left after --skip 9" in r.stderr, r.stderr
     # LLaVA's format, as JSON lines, image paths from --images; a (new, so no-op) stage-2 adapter on the decoder
     lines = [{"id": str(i), "image": f"images/synth_{i:05d}.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A shape."}]}

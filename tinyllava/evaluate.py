@@ -327,7 +327,8 @@ def main(argv=None):
     ap.add_argument("--split", default=None, help="only this split (e.g. dev); default: every line")
     ap.add_argument("--limit", type=int, default=100, help="how many images (--vqa: questions) to evaluate")
     ap.add_argument("--skip", type=int, default=0,
-                    help="start after this many images (train picks its best checkpoint on the first 100 dev images)")
+                    help="start after this many images (--vqa: questions; train picks its best checkpoint on the first "
+                         "dev images)")
     ap.add_argument("--captions", action="store_true", help="generate captions and score them (BLEU, CIDEr, ROUGE-L)")
     ap.add_argument("--prompt", help="--captions: the chat answer to this instead of the plain template's caption")
     ap.add_argument("--beams", type=int, default=1, help="--captions: beam search with this many beams (1: greedy)")
@@ -360,7 +361,9 @@ def main(argv=None):
         if args.skip < 0 or args.beams < 1 or args.batch < 1 or args.n_predict < 1:
             raise TinyLlavaError("--skip must not be negative; --beams, --batch and -n must be at least 1")
         if args.vqa:
-            questions = read_vqa(args.vqa, args.images, args.limit)
+            questions = read_vqa(args.vqa, args.images)[args.skip:args.skip + args.limit]
+            if not questions:
+                raise TinyLlavaError(f"{args.vqa}: no questions left after --skip {args.skip}")
             examples = [Example(image, []) for image in distinct_images(questions)]
         else:
             examples = load_examples(args.data, args.images, split=args.split, on_error=args.on_error)
