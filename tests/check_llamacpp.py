@@ -9,7 +9,8 @@ For each photo: export the mmproj (python -m tinyllava.export), load it with Smo
 multimodal library (mtmd), and compare with tinyllava:
   1. image embeddings: llama.cpp's 196 image tokens against tinyllava's (cosine per token; llama.cpp's LLaVA
      graph hands the projector patches 1..195 and the class token, see tinyllava/export.py)
-  2. greedy answers, token for token, for a caption (the plain template: the image alone) and a ChatML question
+  2. greedy answers, token for token, for a caption (stage 1: the plain template, the image alone; stage 2: asked
+     "Describe the image concisely.", as generate does) and a ChatML question
   3. the same answers with llama.cpp's decoder fed tinyllava's own image tokens, and tinyllava's decoder fed
      llama.cpp's: this splits any difference into "the image tokens differ" and "the decoders differ"
 """
@@ -26,6 +27,7 @@ from tinyllava import weights  # noqa: E402
 from tinyllava.export import export_decoder, export_mmproj  # noqa: E402
 from tinyllava.decoding import Sampling  # noqa: E402
 from tinyllava.image import open_image, preprocess  # noqa: E402
+from tinyllava.instruct import BRIEF  # noqa: E402
 from tinyllava.llamacpp import MARKER, LlamaCpp  # noqa: E402
 from tinyllava.model import chat_prompt, default_projector_path, load_llava, stage2_paths  # noqa: E402
 from tinyllava.projector import Projector  # noqa: E402
@@ -88,7 +90,8 @@ def main():
         cos = cosine(ours_img[shift:], theirs_img[:196 - shift])
         row = {"photo": Path(path).name, "size": img.size, "token_cos_min": float(cos.min()),
                "token_cos_mean": float(cos.mean())}
-        for name, text in [("caption", MARKER), ("question", chat_prompt(tok, QUESTION, system=llava.system).replace("<image>", MARKER))]:
+        asked = lambda q: chat_prompt(tok, q, system=llava.system).replace("<image>", MARKER)  # noqa: E731
+        for name, text in [("caption", MARKER if args.stage == 1 else asked(BRIEF[0])), ("question", asked(QUESTION))]:
             ours = llava.complete(llava.embed(text.replace(MARKER, "<image>"), [ours_img])[0], Sampling(N_NEW))[1]
             theirs = cpp.answer(text, theirs_img)
             row[name] = {"tinyllava": tok.decode(ours), "llama.cpp": tok.decode(theirs), "same": ours == theirs,
