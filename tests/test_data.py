@@ -2,6 +2,8 @@
 feature cache."""
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +94,11 @@ def test_feature_cache_resumes_and_is_shared_by_image(tmp_path, folder):
     assert one.done.all() and np.array_equal(one[0], again[1])
     Image.new("RGB", (40, 40)).save(ex[1].image)                        # a changed image is not the same image
     assert not FeatureCache(tmp_path / "c", [ex[1].image], True, (196, 768)).done.any()
+    copy = tmp_path / "elsewhere" / "copy.png"                          # the same bytes elsewhere, another
+    copy.parent.mkdir()                                                  # date: the same image
+    copy.write_bytes(Path(ex[0].image).read_bytes())
+    os.utime(copy, (1, 1))
+    assert FeatureCache(tmp_path / "c", [copy], True, (196, 768)).done.all()
     assert not list((tmp_path / "c").rglob("*.tmp"))
 
 

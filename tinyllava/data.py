@@ -243,7 +243,7 @@ def make_synthetic(out, n=200, seed=0, dev_fraction=0.2):
 class FeatureCache:
     """LLaVA image features [n_patches, d] of a list of images, computed once by the vision tower and kept as one
     float16 .npy per image. The files live in a folder named by the tower and the preprocessing, each named by
-    its image (path, size, modification time), so every dataset that holds an image shares its features, and a
+    its image's bytes (sha256), so every dataset and every copy that holds an image shares its features, and a
     changed image is computed again. A file appears whole or not at all (written aside, then renamed), so a
     killed fill loses at most the image it was on, and several processes may fill one folder at once."""
 
@@ -309,10 +309,15 @@ class FeatureCache:
         return failed
 
 
-def image_key(path):  # an image file -> its name in the cache: its path, size and modification time, hashed
-    st = os.stat(path) if os.path.exists(path) else None
-    ident = [str(Path(path).resolve()), st.st_size if st else None, st.st_mtime_ns if st else None]
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
+def image_key(path):  # an image file -> its name in the cache: the sha256 of its bytes
+    """By content, not by path and modification time: a copy of the data (a new machine, a re-provisioned
+    folder, another path to the same file) finds its features, and a changed image is computed again. Hashing
+    a 30 KB JPEG costs far less than reading it to decode. A missing file gets a key no file has."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return "missing-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()
 
 
 def main(argv=None):
