@@ -3,12 +3,14 @@
 
     python -m tinyllava.export --mmproj tinyllava-mmproj.gguf [--projector FILE] [--type q8_0|f16|f32]
     llama-mtmd-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --mmproj tinyllava-mmproj.gguf --image cat.jpg -p "..."
-    python -m tinyllava.export --decoder merged.gguf --adapter weights/stage2-lora.gguf [--decoder-type q4_1|q8_0]
+    python -m tinyllava.export --decoder merged.gguf --adapter weights/stage2-lora.gguf [--decoder-type q8_0|q4_1]
 
 A stage-2 LoRA adapter needs no export: tinyllava writes it in llama.cpp's own adapter format
 (`llama-mtmd-cli ... --lora weights/stage2-lora.gguf`). The merged decoder (W + s B A in every adapted matrix,
-or a --full run's decoder.gguf) is quantized again with tinyllava's own quantizers (quant.py): the embedding
-Q8_0 and the other matrices Q4_1 as in the original file, or all Q8_0; norms stay float32.
+or a --full run's decoder.gguf) is quantized again with tinyllava's own quantizers (quant.py): every matrix Q8_0
+by default, or Q4_1 as in SmolLM2's file (the embedding stays Q8_0); norms stay float32. Q4_1 loses what stage 2
+taught: SmolLM2's weights already sit on its grid, and the update s B A is mostly smaller than half a step of it,
+so rounding puts most weights back where they were (the README has the measurement).
 
 What llama.cpp (as vendored in llama-cpp-python 0.3.36) computes, and how this file makes it tinyllava's:
 - feature layer: `clip.vision.feature_layer = [11]` makes it run blocks 0..10 and take their output: LLaVA's
@@ -107,8 +109,9 @@ def main(argv=None):
     ap.add_argument("--adapter", help="a stage-2 LoRA adapter GGUF to merge into the decoder")
     ap.add_argument("--model", help="the decoder GGUF to start from (default: the fetched SmolLM2; a --full run's "
                                     "decoder.gguf)")
-    ap.add_argument("--decoder-type", choices=["q4_1", "q8_0"], default="q4_1",
-                    help="the merged decoder's matrices (the embedding is always Q8_0, as in SmolLM2's file)")
+    ap.add_argument("--decoder-type", choices=["q8_0", "q4_1"], default="q8_0",
+                    help="the merged decoder's matrices (the embedding is always Q8_0, as in SmolLM2's file); q4_1 "
+                         "is smaller but rounds most of the adapter's update away")
     ap.add_argument("--projector", help="projector GGUF (default: weights/projector.gguf)")
     ap.add_argument("--type", choices=["q8_0", "f16", "f32"], default="q8_0",
                     help="matrix type: q8_0 keeps the 8-bit weights (smallest); f32 makes llama.cpp compute in f32")
