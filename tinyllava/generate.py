@@ -76,8 +76,8 @@ def parser():
     ap.add_argument("--chat", action="store_true", help="a conversation: read more turns from stdin")
     ap.add_argument("-sys", "--system-prompt", help="system message (default: the model's own)")
     ap.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens to generate per answer (256)")
-    ap.add_argument("-t", "--threads", type=int, help="threads for the products (default: the cores other programs "
-                    "leave idle, from the load average)")
+    ap.add_argument("-t", "--threads", type=int, help="threads for the products (default: the cores that other "
+                    "programs leave idle when it starts)")
     ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
