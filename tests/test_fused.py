@@ -180,15 +180,12 @@ def test_release_gives_pages_back_and_keeps_the_numbers():
 
 def test_set_threads_reaches_numba_and_openblas():
     """generate runs on the idle cores: fused.set_threads sets numba's threads and those of NumPy's OpenBLAS."""
-    import ctypes
-    libs = {ctypes.CDLL(line.split()[-1]) for line in open("/proc/self/maps")
-            if "openblas" in line.rsplit("/", 1)[-1].lower()}
     names = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")
-    get = [getattr(lib, n) for lib in libs for n in names if hasattr(lib, n)]
+    get = [getattr(lib, n) for lib in fused.blas_libraries() for n in names if hasattr(lib, n)]
     before = fused.numba.get_num_threads()
     try:
         fused.set_threads(1)
-        assert fused.numba.get_num_threads() == 1 and get and all(g() == 1 for g in get)
+        assert fused.numba.get_num_threads() == fused.THREADS == 1 and get and all(g() == 1 for g in get)
     finally:
         fused.set_threads(before)
-    assert fused.numba.get_num_threads() == before and all(g() == before for g in get)
+    assert fused.numba.get_num_threads() == fused.THREADS == before and all(g() == before for g in get)

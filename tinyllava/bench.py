@@ -350,12 +350,16 @@ def load_average():  # the machine's 1-minute load before the run: other work sk
         return None
 
 
-def cpu_name():
+def cpuinfo(field):  # the first "field : value" of /proc/cpuinfo, or None
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
+def cpu_name():
+    return cpuinfo("model name") or "unknown CPU"
 
 
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -363,11 +367,7 @@ VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "
 
 
 def vector_extensions():  # -> the CPU's vector extensions among VECTOR_FLAGS, as /proc/cpuinfo names them
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
+    flags = (cpuinfo("flags") or "").split()
     return [v for v in VECTOR_FLAGS if v in flags]
 
 

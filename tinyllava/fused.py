@@ -77,18 +77,23 @@ def keep_freed_memory():
         pass
 
 
-def set_threads(n):
-    """Run the products on n threads: numba's loops, and the OpenBLAS behind NumPy's sgemm (found among the
-    process's mapped libraries, as NumPy's wheels bundle it; Linux). Process-wide, like keep_freed_memory."""
-    if numba:
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+def blas_libraries():  # -> the OpenBLAS libraries loaded in this process (NumPy's wheels bundle one; Linux)
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
     except OSError:
-        return
-    for path in paths:
-        lib = ctypes.CDLL(path)
+        return []
+    return [ctypes.CDLL(p) for p in sorted(paths)]
+
+
+def set_threads(n):
+    """Run the products on n threads: numba's loops, and the OpenBLAS behind NumPy's sgemm. Process-wide, like
+    keep_freed_memory."""
+    global THREADS
+    if numba:
+        THREADS = min(n, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(THREADS)
+    for lib in blas_libraries():
         for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
             if hasattr(lib, name):
                 getattr(lib, name)(ctypes.c_int(n))
@@ -101,6 +106,8 @@ except ImportError:
     numba = None
 
 ENGINE = "numba" if numba and not os.environ.get("TINYLLAVA_NO_NUMBA") else "numpy"  # the tests flip it
+THREADS = numba.config.NUMBA_NUM_THREADS if numba else 1  # numba's threads now (set_threads), kept here: every
+                                                          # product reads it, and asking numba is a call each time
 
 
 def jit(**options):  # numba.njit(cache=True, nogil=True, boundscheck=False, **options), or nothing
@@ -364,7 +371,7 @@ class QuantMatrix:
             x2 = np.array(x2, dtype, order="C")
         if ENGINE == "numba" and dtype == np.float32 and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
             y = np.empty((x2.shape[0], self.shape[0]), dtype)                           # [M, n_out]
-            parallel = numba.get_num_threads() > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
+            parallel = THREADS > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
             (matvec if parallel else matvec_1thread)(self.w, x2, y, KERNELS[self.type], QK // 2)
         else:  # many rows: a tile of W at a time in float32, times all of x by BLAS (sgemm)
             y = None
