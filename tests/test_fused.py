@@ -189,3 +189,42 @@ def test_set_threads_reaches_numba_and_openblas():
     finally:
         fused.set_threads(before)
     assert fused.numba.get_num_threads() == fused.THREADS == before and all(g() == before for g in get)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_step_against_the_blocks(threads):
+    """The one-token step of fused_llama.py (all blocks in one compiled call) against Llama's blocks on the same
+    quantized matrices, before and after a LoRA adapter is attached (random, so that it changes the logits):
+    each step's logits, the KV cache it writes, and greedy generation token for token."""
+    from tinyllava import lora
+    from tinyllava.errors import TinyLlavaError
+    from tinyllava.fused_llama import FusedLlama
+    from tinyllava.llama import KVCache, Llama
+    model, tok = fused.load_decoder()                                 # its own: the adapter stays in this test
+    blocks = Llama(model.cfg, model.embedding, model.layers, model.norm)        # the same weights, Llama's path
+    assert isinstance(model, FusedLlama) and not isinstance(blocks, FusedLlama)
+    ids = tok.encode(tok.chat([{"role": "user", "content": "Why is the sky blue?"}]))
+    before = fused.THREADS
+    try:
+        fused.set_threads(threads)
+        for adapted in (False, True):
+            if adapted:
+                lora.attach(model, rank=4, targets=("attn_q", "attn_v", "attn_output", "ffn_up", "ffn_down"))
+                for m in lora.adapters(model).values():
+                    m.b[...] = np.random.default_rng(1).normal(0, 0.05, m.b.shape)
+            caches = [KVCache(model.cfg, 1, len(ids) + 8) for _ in range(2)]
+            for t in [ids] + [[t] for t in ids[:6]]:                  # the prompt (Llama's path), then 6 steps
+                logits = [m.logits(m.forward(m.embed([t]), c)[0, -1]) for m, c in zip((blocks, model), caches)]
+                assert np.abs(logits[1] - logits[0]).max() < 1e-4 * np.abs(logits[0]).max()
+            n = caches[0].length
+            assert caches[1].length == n
+            for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+                assert np.abs(b[:, :, :n] - a[:, :, :n]).max() < 1e-4 * np.abs(a[:, :, :n]).max()
+            x = model.embed([ids])
+            assert list(generate(model, x, Sampling(16))) == list(generate(blocks, x, Sampling(16)))
+        full = KVCache(model.cfg, 1, 1)
+        model.forward(model.embed([[ids[0]]]), full)
+        with pytest.raises(TinyLlavaError, match="do not fit"):                   # Llama's error, not a crash
+            model.forward(model.embed([[ids[1]]]), full)
+    finally:
+        fused.set_threads(before)

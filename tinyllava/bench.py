@@ -329,17 +329,18 @@ def collect(args):
             "errors": {k: v for k, v in notes.items() if v}, "ratios": ratios(results)}
 
 
-def warm_numba():  # compile fused.py's loops for every engine path (cached on disk for the workers)
-    import numpy as np
+def warm_numba():  # compile the fused loops on every path a worker takes (numba caches them on disk for them)
     from . import fused
+    from .llama import KVCache
     if fused.ENGINE != "numba":
         return
-    for qtype in fused.BLOCK:
-        m = fused.QuantMatrix.quantize(np.ones((8, 32), np.float32), qtype)
-        x, y = np.ones((1, 32), np.float32), np.empty((1, 8), np.float32)
-        for kernel in (fused.matvec, fused.matvec_1thread):
-            kernel(m.w, x, y, fused.KIND[qtype], 16)
-        m.dequantize()
+    model, _ = fused.load_decoder()
+    for threads in (1, 2):                        # the one-thread and the parallel loops
+        fused.set_threads(threads)
+        cache = KVCache(model.cfg, 1, 16)
+        model.logits(model.forward(model.embed([list(range(1, 12))]), cache))   # tiles, then a few rows
+        model.logits(model.forward(model.embed([[1, 2]]), cache))
+        model.logits(model.forward(model.embed([[3]]), cache))                  # the compiled decoding step
 
 
 def load_average():  # the machine's 1-minute load before the run: other work skews every engine alike

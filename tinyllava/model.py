@@ -243,9 +243,14 @@ def stage2_paths():  # the committed stage-2 model: (its projector, its LoRA ada
 
 def load_decoder(path=None, load_matrix=None):
     """The SmolLM2 decoder and its tokenizer (fetched on first use when no path is given). Matrices are float32,
-    or what load_matrix(GGUFTensor) makes (fused.QuantMatrix.from_tensor keeps them quantized)."""
+    or what load_matrix(GGUFTensor) makes (fused.QuantMatrix.from_tensor keeps them quantized, and then a
+    fused_llama.FusedLlama decodes each token in one compiled call)."""
     from .weights import decoder_path
-    model = Llama.load(path or decoder_path(), load_matrix)
+    if load_matrix is None:
+        model = Llama.load(path or decoder_path())
+    else:
+        from .fused_llama import FusedLlama
+        model = FusedLlama.load(path or decoder_path(), load_matrix)
     return model, Tokenizer.from_gguf(model.gguf)
 
 

@@ -1,0 +1,225 @@
+"""A decoding step compiled whole: every block of SmolLM2 for one token in a single call, on fused products.
+
+Decoding a token runs 30 blocks of 7 products (fused.py), with small operations between them: normalize,
+rotate q and k, write the KV cache, attend, gate. In NumPy each of those is an interpreter round trip and a
+new array, about 60 a block; and on two threads every product is a parallel loop of its own, 210 starts and
+stops of the threads a token. Here one compiled call does the same arithmetic as llama.py's `block` for all
+30 blocks, as loops over one position, with q, k and v (and gate and up) in one parallel loop each:
+
+    a = rms_norm(x)                  q, k, v = a Wq^T, a Wk^T, a Wv^T        (one parallel loop over their rows)
+    q, k = rope(q), rope(k)          cache[pos] = k, v
+    o = softmax(q k^T / sqrt(hd)) v  over the cache; query head h reads key/value head h // (H / Hkv)
+    x = x + o Wo^T
+    f = rms_norm(x)                  g, u = f Wg^T, f Wu^T                   (one parallel loop)
+    x = x + (silu(g) u) Wd^T
+
+A LoRA adapter (lora.py) adds s B (A a) to its product. llama.py stays the readable form and the path for all
+else (prefill, batches, training); tests/test_fused.py checks that both give the same logits and greedy tokens.
+The README's "Speed and memory" has what this step saves.
+"""
+import numpy as np
+
+from . import fused
+from .fused import QK, block_sums, jit, matvec_group, numba, prange
+from .llama import Llama, rope_angles
+from .lora import LoRA
+
+List = numba.typed.List if numba else list
+
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@jit(inline="always", fastmath=True)
+def rms_norm(x, w, eps):  # [1, d], [d] -> [1, d]
+    ss = np.float32(0)
+    for j in range(x.shape[1]):
+        ss += x[0, j] * x[0, j]
+    r = np.float32(1) / np.sqrt(ss / np.float32(x.shape[1]) + np.float32(eps))
+    y = np.empty_like(x)
+    for j in range(x.shape[1]):
+        y[0, j] = x[0, j] * r * w[j]
+    return y
+
+
+@jit(inline="always", fastmath=True)
+def add_lora(y, a, lora_a, lora_b, scales, m):  # y [n_out] += s B (A a), matrix m's adapter (r = 0: none)
+    A, B, s = lora_a[m], lora_b[m], scales[m]                                 # [r, n_in], [n_out, r]
+    if A.shape[0] == 0:
+        return
+    t = np.zeros(A.shape[0], np.float32)                                      # [r]
+    for i in range(A.shape[0]):
+        for j in range(A.shape[1]):
+            t[i] += A[i, j] * a[j]
+    for o in range(B.shape[0]):
+        acc = np.float32(0)
+        for i in range(B.shape[1]):
+            acc += B[o, i] * t[i]
+        y[o] += s * acc
+
+
+@jit(inline="always", fastmath=True)
+def rope(x, n_heads, cos, sin):  # [n_heads * hd] in place: each pair (x[2i], x[2i+1]) of a head rotated
+    hd = x.shape[0] // n_heads
+    for h in range(n_heads):
+        for i in range(hd // 2):
+            x0, x1 = x[h * hd + 2 * i], x[h * hd + 2 * i + 1]
+            x[h * hd + 2 * i], x[h * hd + 2 * i + 1] = x0 * cos[i] - x1 * sin[i], x0 * sin[i] + x1 * cos[i]
+
+
+@jit(inline="always", fastmath=True)
+def attend(q, kc, vc, n, n_heads):  # q [1, H * hd], keys/values kc, vc [>= n, Hkv, hd] -> o [1, H * hd]
+    n_kv, hd = kc.shape[1], kc.shape[2]
+    o = np.empty_like(q)
+    scale = np.float32(1 / np.sqrt(hd))
+    for h in prange(n_heads):                                                 # the heads on the threads
+        g, qh, p = h // (n_heads // n_kv), q[0, h * hd:(h + 1) * hd], np.empty(n, np.float32)
+        top = -np.inf
+        for t in range(n):
+            s = np.float32(0)
+            for j in range(hd):
+                s += qh[j] * kc[t, g, j]
+            p[t] = s * scale
+            top = max(top, p[t])
+        total = np.float32(0)
+        for t in range(n):
+            p[t] = np.exp(p[t] - top)
+            total += p[t]
+        oh = o[0, h * hd:(h + 1) * hd]
+        oh[:] = 0
+        for t in range(n):
+            w = p[t] / total
+            for j in range(hd):
+                oh[j] += w * vc[t, g, j]
+    return o
+
+
+@jit(inline="always", fastmath=True)
+def add(x, y):  # x [1, d] += y [1, d] (a loop: an array expression would be a parallel loop of its own)
+    for j in range(x.shape[1]):
+        x[0, j] += y[0, j]
+
+
+@jit(fastmath=True)  # not inlined: compiled once for all of step's products (numba is slow to compile)
+def products(w, kinds, m, n, x, xsum, y, t0, t1):  # groups t0..t1 of y [1, sum n_out] = x [1, n_in] @ W.T
+    """W: the n matrices from m on, their rows one after the other (q, k and v; or gate and up), cut into
+    groups of 4 rows (fused.matvec_group); t counts the groups through all n. A call per thread's share, not per
+    group: each call passes the list w, whose count of references the threads would otherwise fight over."""
+    first, row = 0, 0                                                         # matrix i's first group and row
+    for i in range(m, m + n):
+        wi = w[i]                                                             # [n_out, row bytes]
+        flat, part, g = wi.reshape(-1), y[:, row:row + wi.shape[0]], (wi.shape[0] + 3) // 4
+        for t in range(max(t0, first), min(t1, first + g)):
+            matvec_group(wi, flat, x, xsum, part, t - first, kinds[i], QK // 2)
+        first, row = first + g, row + wi.shape[0]
+
+
+@jit(inline="always")
+def rows_of(w, m, n):  # the output rows, and groups of 4, of the n matrices from m on
+    rows = groups = 0
+    for i in range(m, m + n):
+        rows, groups = rows + w[i].shape[0], groups + (w[i].shape[0] + 3) // 4
+    return rows, groups
+
+
+@jit(inline="always", fastmath=True)
+def product(w, kinds, m, n, x, parts):  # x [1, n_in] @ W.T, the n matrices from m on -> [1, their rows together]
+    rows, groups = rows_of(w, m, n)
+    y, xsum = np.empty((1, rows), np.float32), block_sums(x)
+    for p in prange(parts):                                                   # a share for each thread
+        products(w, kinds, m, n, x, xsum, y, p * groups // parts, (p + 1) * groups // parts)
+    return y
+
+
+@jit(inline="always", fastmath=True)
+def step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_heads, eps, parts):
+    """One position through every block, x [1, d] updated in place. norms: the RMSNorm weights [d], block l's
+    attention's at 2 l, its SwiGLU's at 2 l + 1; w, kinds, lora_a, lora_b, scales: block l's m-th matrix (in
+    MATRICES order) at 7 l + m, as its blocks [n_out, bytes], kernel (fused.KERNELS), adapter A [r, n_in],
+    B [n_out, r] and scale (r = 0: none); kc, vc [L, 1, max_len, Hkv, hd]: the KV cache, written at pos;
+    cos, sin [hd / 2]: this position's RoPE angles; parts: how many shares each product is cut into (threads)."""
+    n_kv, hd = kc.shape[3], kc.shape[4]
+    for l in range(len(norms) // 2):
+        Q, K, V, O, G, U, D = 7 * l, 7 * l + 1, 7 * l + 2, 7 * l + 3, 7 * l + 4, 7 * l + 5, 7 * l + 6
+        a = rms_norm(x, norms[2 * l], eps)                                    # [1, d]
+        qkv = product(w, kinds, Q, 3, a, parts)                                # [1, (H + 2 Hkv) hd]
+        nq, nk = n_heads * hd, n_kv * hd
+        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+        add_lora(q[0], a[0], lora_a, lora_b, scales, Q)
+        add_lora(k[0], a[0], lora_a, lora_b, scales, K)
+        add_lora(v[0], a[0], lora_a, lora_b, scales, V)
+        rope(q[0], n_heads, cos, sin)
+        rope(k[0], n_kv, cos, sin)
+        for j in range(nk):
+            kc[l, 0, pos, j // hd, j % hd] = k[0, j]
+            vc[l, 0, pos, j // hd, j % hd] = v[0, j]
+        o = attend(q, kc[l, 0], vc[l, 0], pos + 1, n_heads)                   # [1, H * hd]
+        y = product(w, kinds, O, 1, o, parts)                                  # [1, d]
+        add_lora(y[0], o[0], lora_a, lora_b, scales, O)
+        add(x, y)
+        f = rms_norm(x, norms[2 * l + 1], eps)                                # [1, d]
+        gu = product(w, kinds, G, 2, f, parts)                                 # [1, 2 ffn]
+        ffn = gu.shape[1] // 2
+        gate, up = gu[:, :ffn], gu[:, ffn:]
+        add_lora(gate[0], f[0], lora_a, lora_b, scales, G)
+        add_lora(up[0], f[0], lora_a, lora_b, scales, U)
+        h = np.empty_like(gate)                                               # [1, ffn]: silu(gate) * up
+        for j in range(ffn):
+            h[0, j] = gate[0, j] / (np.float32(1) + np.exp(-gate[0, j])) * up[0, j]
+        y = product(w, kinds, D, 1, h, parts)                                  # [1, d]
+        add_lora(y[0], h[0], lora_a, lora_b, scales, D)
+        add(x, y)
+
+
+@jit(parallel=True, fastmath=True)
+def decode_step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_heads, eps, parts):  # threads
+    step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_heads, eps, parts)
+
+
+@jit(fastmath=True)
+def decode_step_1thread(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_heads, eps,
+                        parts):
+    step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_heads, eps, parts)
+
+
+class FusedLlama(Llama):
+    """A Llama whose one-token steps (batch 1, with a KV cache) run decode_step: all blocks in one compiled call.
+    Everything else (prefill, batches, training) is Llama's."""
+
+    def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None, saved=None):
+        args = self.compiled() if (cache is not None and x.shape[:2] == (1, 1) and cache.k.shape[1] == 1 and
+                                   cache.k.dtype == np.float32 and cache.length < cache.k.shape[2] and
+                                   valid is hidden_states is positions is mask is saved is None and
+                                   fused.ENGINE == "numba") else None
+        if args is None:
+            return super().forward(x, cache, valid, hidden_states, positions, mask, saved)
+        cfg, pos = self.cfg, cache.length
+        cos, sin = rope_angles(np.array([pos]), cfg.head_dim, cfg.rope_theta)   # [1, hd/2] each
+        x = np.array(x[0], np.float32)                                          # [1, d], updated in place
+        run = decode_step if fused.THREADS > 1 else decode_step_1thread
+        run(x, *args, cache.k, cache.v, pos, cos[0], sin[0], cfg.n_heads, cfg.norm_eps, fused.THREADS)
+        cache.length += 1
+        return x[None]                                                          # [1, 1, d]
+
+    def compiled(self):
+        """The layers' weights as decode_step reads them, or None if a matrix is not quantized blocks. Made once,
+        again only if a layer's matrices change (an adapter attached)."""
+        mats = [getattr(layer, f) for layer in self.layers for f in MATRICES]
+        key = [id(m) for m in mats] + [id(layer.attn_norm) for layer in self.layers] + \
+              [id(layer.ffn_norm) for layer in self.layers]
+        if getattr(self, "_compiled_key", None) != key:
+            self._compiled, self._compiled_key = self._compile(mats), key
+        return self._compiled
+
+    def _compile(self, mats):
+        bases = [m.w if isinstance(m, LoRA) else m for m in mats]
+        if not all(isinstance(b, fused.QuantMatrix) for b in bases):
+            return None
+        none = np.zeros((0, 0), np.float32)
+        adapters = [(m.a, m.b, m.scale) if isinstance(m, LoRA) else (none, none, 0) for m in mats]
+        norms = [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]   # not copies: they may train
+        if not all(isinstance(n, np.ndarray) and n.dtype == np.float32 for n in norms):
+            return None
+        return (List(norms), List([b.w for b in bases]), np.array([fused.KERNELS[b.type] for b in bases]),
+                List([np.ascontiguousarray(a, np.float32) for a, _, _ in adapters]),
+                List([np.ascontiguousarray(b, np.float32) for _, b, _ in adapters]),
+                np.array([s for _, _, s in adapters], np.float32))
