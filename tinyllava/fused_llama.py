@@ -102,8 +102,8 @@ def add(x, y):  # x [1, d] += y [1, d] (a loop: an array expression would be a p
 @jit(fastmath=True)  # not inlined: compiled once for all of step's products (numba is slow to compile)
 def products(w, kinds, m, n, x, xsum, y, t0, t1):  # groups t0..t1 of y [1, sum n_out] = x [1, n_in] @ W.T
     """W: the n matrices from m on, their rows one after the other (q, k and v; or gate and up), cut into
-    groups of 4 rows (fused.matvec_group); t counts the groups through all n. A call per thread's share, not per
-    group: each call passes the list w, whose count of references the threads would otherwise fight over."""
+    groups of 4 rows (fused.matvec_group); t counts the groups through all n. A call per thread's share, which
+    takes each matrix out of the list w once (an atomic update of its reference count), not one per group."""
     first, row = 0, 0                                                         # matrix i's first group and row
     for i in range(m, m + n):
         wi = w[i]                                                             # [n_out, row bytes]
