@@ -181,6 +181,35 @@ def decode_step_1thread(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos,
     step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_heads, eps, parts)
 
 
+@jit()
+def new_list(arrays):  # a tuple of arrays of one type -> a numba typed list of them
+    out = List()
+    for i in range(len(arrays)):
+        out.append(arrays[i])
+    return out
+
+
+@jit()
+def extend(out, arrays):  # a numba typed list += a tuple of arrays
+    for i in range(len(arrays)):
+        out.append(arrays[i])
+
+
+def as_list(arrays, per):  # arrays of one type -> a numba typed list of them
+    """Built in compiled code, `per` at a time (a block's): numba caches that code, while a typed list made from
+    Python compiles its own methods for each item type in every process (~1 s before the first token)."""
+    out = new_list(tuple(arrays[:per]))
+    for i in range(per, len(arrays), per):
+        extend(out, tuple(arrays[i:i + per]))
+    return out
+
+
+def readonly(a):  # the same memory, typed as read-only (one item type for the file's views and the arrays)
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 class FusedLlama(Llama):
     """A Llama whose one-token steps (batch 1, with a KV cache) run decode_step: all blocks in one compiled call.
     Everything else (prefill, batches, training) is Llama's."""
@@ -217,9 +246,10 @@ class FusedLlama(Llama):
         none = np.zeros((0, 0), np.float32)
         adapters = [(m.a, m.b, m.scale) if isinstance(m, LoRA) else (none, none, 0) for m in mats]
         norms = [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]   # not copies: they may train
-        if not all(isinstance(n, np.ndarray) and n.dtype == np.float32 for n in norms):
+        if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
+                   for a in norms + [p for a, b, _ in adapters for p in (a, b)]):
             return None
-        return (List(norms), List([b.w for b in bases]), np.array([fused.KERNELS[b.type] for b in bases]),
-                List([np.ascontiguousarray(a, np.float32) for a, _, _ in adapters]),
-                List([np.ascontiguousarray(b, np.float32) for _, b, _ in adapters]),
-                np.array([s for _, _, s in adapters], np.float32))
+        n = len(MATRICES)
+        return (as_list([readonly(a) for a in norms], 2), as_list([b.w for b in bases], n),
+                np.array([fused.KERNELS[b.type] for b in bases]), as_list([readonly(a) for a, _, _ in adapters], n),
+                as_list([readonly(b) for _, b, _ in adapters], n), np.array([s for _, _, s in adapters], np.float32))
