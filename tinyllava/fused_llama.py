@@ -233,9 +233,9 @@ class FusedLlama(Llama):
         """The layers' weights as decode_step reads them, or None if a matrix is not quantized blocks. Made once,
         again only if a layer's matrices change (an adapter attached)."""
         mats = [getattr(layer, f) for layer in self.layers for f in MATRICES]
-        key = [id(m) for m in mats] + [id(layer.attn_norm) for layer in self.layers] + \
-              [id(layer.ffn_norm) for layer in self.layers]
-        if getattr(self, "_compiled_key", None) != key:
+        key = mats + [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]  # kept: ids stay unique
+        old = getattr(self, "_compiled_key", [])
+        if len(old) != len(key) or any(a is not b for a, b in zip(old, key)):
             self._compiled, self._compiled_key = self._compile(mats), key
         return self._compiled
 
