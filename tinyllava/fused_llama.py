@@ -46,8 +46,9 @@ def add_lora(y, a, lora_a, lora_b, scales, m):  # y [n_out] += s B (A a), matrix
     A, B, s = lora_a[m], lora_b[m], scales[m]                                 # [r, n_in], [n_out, r]
     if A.shape[0] == 0:
         return
-    t = np.zeros(A.shape[0], np.float32)                                      # [r]
-    for i in range(A.shape[0]):
+    t = np.empty(A.shape[0], np.float32)                                      # [r] = A a (loops, not np.zeros:
+    for i in range(A.shape[0]):                                               # that would be a parallel loop)
+        t[i] = 0
         for j in range(A.shape[1]):
             t[i] += A[i, j] * a[j]
     for o in range(B.shape[0]):
