@@ -142,9 +142,9 @@ def step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_he
     for l in range(len(norms) // 2):
         Q, K, V, O, G, U, D = 7 * l, 7 * l + 1, 7 * l + 2, 7 * l + 3, 7 * l + 4, 7 * l + 5, 7 * l + 6
         a = rms_norm(x, norms[2 * l], eps)                                    # [1, d]
-        qkv = product(w, kinds, Q, 3, a, parts)                                # [1, (H + 2 Hkv) hd]
+        qkv = product(w, kinds, Q, 3, a, parts)                               # [1, (H + 2 Hkv) hd]
         nq, nk = n_heads * hd, n_kv * hd
-        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]           # [1, H hd], [1, Hkv hd] x2
         add_lora(q[0], a[0], lora_a, lora_b, scales, Q)
         add_lora(k[0], a[0], lora_a, lora_b, scales, K)
         add_lora(v[0], a[0], lora_a, lora_b, scales, V)
@@ -154,19 +154,19 @@ def step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_he
             kc[l, 0, pos, j // hd, j % hd] = k[0, j]
             vc[l, 0, pos, j // hd, j % hd] = v[0, j]
         o = attend(q, kc[l, 0], vc[l, 0], pos + 1, n_heads)                   # [1, H * hd]
-        y = product(w, kinds, O, 1, o, parts)                                  # [1, d]
+        y = product(w, kinds, O, 1, o, parts)                                 # [1, d]
         add_lora(y[0], o[0], lora_a, lora_b, scales, O)
         add(x, y)
         f = rms_norm(x, norms[2 * l + 1], eps)                                # [1, d]
-        gu = product(w, kinds, G, 2, f, parts)                                 # [1, 2 ffn]
+        gu = product(w, kinds, G, 2, f, parts)                                # [1, 2 ffn]
         ffn = gu.shape[1] // 2
-        gate, up = gu[:, :ffn], gu[:, ffn:]
+        gate, up = gu[:, :ffn], gu[:, ffn:]                                   # [1, ffn] each
         add_lora(gate[0], f[0], lora_a, lora_b, scales, G)
         add_lora(up[0], f[0], lora_a, lora_b, scales, U)
         h = np.empty_like(gate)                                               # [1, ffn]: silu(gate) * up
         for j in range(ffn):
             h[0, j] = gate[0, j] / (np.float32(1) + np.exp(-gate[0, j])) * up[0, j]
-        y = product(w, kinds, D, 1, h, parts)                                  # [1, d]
+        y = product(w, kinds, D, 1, h, parts)                                 # [1, d]
         add_lora(y[0], h[0], lora_a, lora_b, scales, D)
         add(x, y)
 
