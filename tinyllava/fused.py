@@ -61,7 +61,7 @@ TILE_BYTES = 4 << 20    # float32 bytes of one dequantized tile: bounds the extr
 AHEAD = 4096            # bytes of weights to prefetch ahead of the fused loop
 PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starting the threads costs more)
 # numba's OpenMP threads spin a while between parallel loops, as OpenMP does by default, and that is kept:
-# decoding runs ~200 short loops per token, and waking sleeping threads for each is slow.
+# decoding runs ~150 short loops per token, and waking sleeping threads for each is slow.
 
 
 def keep_freed_memory():
