@@ -29,7 +29,8 @@ kernel below names fields, not byte offsets. To add a format: its dtype in quant
 and a branch of `dequantize_rows` here, and its kernel id in KERNELS.
 
     from tinyllava import fused
-    model = Llama.load(path, load_matrix=fused.QuantMatrix.from_tensor)   # or fused.load_decoder()
+    model = Llama.load(path, load_matrix=fused.QuantMatrix.from_tensor)   # llama.py's blocks on these products
+    model, tok = fused.load_decoder()     # a FusedLlama: each decoded token one compiled call (fused_llama.py)
 """
 import ctypes
 import os
