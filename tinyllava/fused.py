@@ -257,7 +257,7 @@ def matvec_group(w, flat, x, xsum, y, g, kind, half):  # rows 4g..4g+3 of y = x 
 @jit(inline="always", fastmath=True)
 def block_sums(x):  # [M, n_in] -> [M, n_in / 32]: the sum of each block of x (for Q4_0 and Q4_1)
     """Plain loops, no `x[...].sum()`: in a parallel function numba makes each such sum a parallel loop of its
-    own, and starting one per block cost more than the product (35 us for 18 sums on two threads)."""
+    own, and starting one per block cost more than the product (the README's "Speed and memory")."""
     xsum = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
     for i in range(x.shape[0]):
         for b in range(x.shape[1] // QK):
@@ -308,6 +308,12 @@ def dequantize_rows(w, out, kind, half):  # w [n, row bytes] uint8 -> out [n, n_
 
 
 # -- the matrix ------------------------------------------------------------------------------------------
+def readonly(a):  # the same memory as a read-only view: like the file's pages, and one compiled signature for all
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 class QuantMatrix:
     """A (n_out, n_in) matrix kept as its GGUF blocks, row by row: `w` [n_out, bytes per row] uint8, usually
     a view into the memory-mapped file. `matmul(x)` is x @ W.T, `rows(ids)` is W[ids], both float32."""
@@ -321,9 +327,7 @@ class QuantMatrix:
         n_out, n_in = shape
         if n_in % QK or w.shape != (n_out, quant.nbytes(qtype, (n_in,))) or w.dtype != np.uint8:
             raise TinyLlavaError(f"{qtype.name} {tuple(shape)}: blocks of shape {w.shape} {w.dtype} do not fit")
-        w = w.view()
-        w.flags.writeable = False  # read-only like the file's pages (and one compiled signature for all)
-        self.w, self.type, self.shape = w, qtype, (int(n_out), int(n_in))
+        self.w, self.type, self.shape = readonly(w), qtype, (int(n_out), int(n_in))
 
     @classmethod
     def from_tensor(cls, t):  # gguf.GGUFTensor -> QuantMatrix, or a float32 array for unquantized types

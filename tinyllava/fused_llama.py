@@ -2,9 +2,8 @@
 
 Decoding a token runs 30 blocks of 7 products (fused.py), with small operations between them: normalize,
 rotate q and k, write the KV cache, attend, gate. In NumPy each of those is an interpreter round trip and a
-new array, about 60 a block; and on two threads every product is a parallel loop of its own, 210 starts and
-stops of the threads a token. Here one compiled call does the same arithmetic as llama.py's `block` for all
-30 blocks, as loops over one position, with q, k and v (and gate and up) in one parallel loop each:
+new array, about 60 a block. Here one compiled call does the same arithmetic as llama.py's `block` for all 30
+blocks, as loops over one position, with q, k and v (and gate and up) in one parallel loop each:
 
     a = rms_norm(x)                  q, k, v = a Wq^T, a Wk^T, a Wv^T        (one parallel loop over their rows)
     q, k = rope(q), rope(k)          cache[pos] = k, v
@@ -20,7 +19,7 @@ The README's "Speed and memory" has what this step saves.
 import numpy as np
 
 from . import fused
-from .fused import QK, block_sums, jit, matvec_group, numba, prange
+from .fused import QK, block_sums, jit, matvec_group, numba, prange, readonly
 from .llama import Llama, rope_angles
 from .lora import LoRA
 
@@ -46,8 +45,8 @@ def add_lora(y, a, lora_a, lora_b, scales, m):  # y [n_out] += s B (A a), matrix
     A, B, s = lora_a[m], lora_b[m], scales[m]                                 # [r, n_in], [n_out, r]
     if A.shape[0] == 0:
         return
-    t = np.empty(A.shape[0], np.float32)                                      # [r] = A a (loops, not np.zeros:
-    for i in range(A.shape[0]):                                               # that would be a parallel loop)
+    t = np.empty(A.shape[0], np.float32)                                      # [r] = A a (np.zeros: a parallel loop)
+    for i in range(A.shape[0]):
         t[i] = 0
         for j in range(A.shape[1]):
             t[i] += A[i, j] * a[j]
@@ -73,13 +72,14 @@ def attend(q, kc, vc, n, n_heads):  # q [1, H * hd], keys/values kc, vc [>= n, H
     o = np.empty_like(q)
     scale = np.float32(1 / np.sqrt(hd))
     for h in prange(n_heads):                                                 # the heads on the threads
-        g, qh, p = h // (n_heads // n_kv), q[0, h * hd:(h + 1) * hd], np.empty(n, np.float32)
-        top = -np.inf
-        for t in range(n):
+        g, qh, p = h // (n_heads // n_kv), q[0, h * hd:(h + 1) * hd], np.empty(n, np.float32)  # [hd], [n]
+        for t in range(n):                                                    # p [n]: the scores
             s = np.float32(0)
             for j in range(hd):
                 s += qh[j] * kc[t, g, j]
             p[t] = s * scale
+        top = p[0]                                                            # not -inf: fastmath assumes no inf
+        for t in range(1, n):
             top = max(top, p[t])
         total = np.float32(0)
         for t in range(n):
@@ -108,7 +108,7 @@ def products(w, kinds, m, n, x, xsum, y, t0, t1):  # groups t0..t1 of y [1, sum 
     first, row = 0, 0                                                         # matrix i's first group and row
     for i in range(m, m + n):
         wi = w[i]                                                             # [n_out, row bytes]
-        flat, part, g = wi.reshape(-1), y[:, row:row + wi.shape[0]], (wi.shape[0] + 3) // 4
+        flat, part, g = wi.reshape(-1), y[:, row:row + wi.shape[0]], (wi.shape[0] + 3) // 4   # [bytes], [1, n_out]
         for t in range(max(t0, first), min(t1, first + g)):
             matvec_group(wi, flat, x, xsum, part, t - first, kinds[i], QK // 2)
         first, row = first + g, row + wi.shape[0]
@@ -125,7 +125,7 @@ def rows_of(w, m, n):  # the output rows, and groups of 4, of the n matrices fro
 @jit(inline="always", fastmath=True)
 def product(w, kinds, m, n, x, parts):  # x [1, n_in] @ W.T, the n matrices from m on -> [1, their rows together]
     rows, groups = rows_of(w, m, n)
-    y, xsum = np.empty((1, rows), np.float32), block_sums(x)
+    y, xsum = np.empty((1, rows), np.float32), block_sums(x)                 # [1, rows], [1, n_in / 32]
     for p in prange(parts):                                                   # a share for each thread
         products(w, kinds, m, n, x, xsum, y, p * groups // parts, (p + 1) * groups // parts)
     return y
@@ -165,7 +165,8 @@ def step(x, norms, w, kinds, lora_a, lora_b, scales, kc, vc, pos, cos, sin, n_he
         add_lora(up[0], f[0], lora_a, lora_b, scales, U)
         h = np.empty_like(gate)                                               # [1, ffn]: silu(gate) * up
         for j in range(ffn):
-            h[0, j] = gate[0, j] / (np.float32(1) + np.exp(-gate[0, j])) * up[0, j]
+            e = np.exp(min(-gate[0, j], np.float32(80)))                      # no inf: fastmath assumes none
+            h[0, j] = gate[0, j] / (np.float32(1) + e) * up[0, j]
         y = product(w, kinds, D, 1, h, parts)                                 # [1, d]
         add_lora(y[0], h[0], lora_a, lora_b, scales, D)
         add(x, y)
@@ -205,26 +206,20 @@ def as_list(arrays, per):  # arrays of one type -> a numba typed list of them
     return out
 
 
-def readonly(a):  # the same memory, typed as read-only (one item type for the file's views and the arrays)
-    v = a.view()
-    v.flags.writeable = False
-    return v
-
-
 class FusedLlama(Llama):
     """A Llama whose one-token steps (batch 1, with a KV cache) run decode_step: all blocks in one compiled call.
     Everything else (prefill, batches, training) is Llama's."""
 
     def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None, saved=None):
-        args = self.compiled() if (cache is not None and x.shape[:2] == (1, 1) and cache.k.shape[1] == 1 and
-                                   cache.k.dtype == np.float32 and cache.length < cache.k.shape[2] and
-                                   valid is hidden_states is positions is mask is saved is None and
-                                   fused.ENGINE == "numba") else None
+        args = self.compiled() if (cache is not None and x.shape == (1, 1, self.cfg.dim) and x.dtype == np.float32
+                                   and cache.k.shape[1] == 1 and cache.k.dtype == cache.v.dtype == np.float32 and
+                                   cache.length < cache.k.shape[2] and fused.ENGINE == "numba" and
+                                   valid is hidden_states is positions is mask is saved is None) else None
         if args is None:
             return super().forward(x, cache, valid, hidden_states, positions, mask, saved)
         cfg, pos = self.cfg, cache.length
         cos, sin = rope_angles(np.array([pos]), cfg.head_dim, cfg.rope_theta)   # [1, hd/2] each
-        x = np.array(x[0], np.float32)                                          # [1, d], updated in place
+        x = x[0].copy()                                                         # [1, d], updated in place
         run = decode_step if fused.THREADS > 1 else decode_step_1thread
         run(x, *args, cache.k, cache.v, pos, cos[0], sin[0], cfg.n_heads, cfg.norm_eps, fused.THREADS)
         cache.length += 1
@@ -234,15 +229,16 @@ class FusedLlama(Llama):
         """The layers' weights as decode_step reads them, or None if a matrix is not quantized blocks. Made once,
         again only if a layer's matrices change (an adapter attached)."""
         mats = [getattr(layer, f) for layer in self.layers for f in MATRICES]
-        key = mats + [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]  # kept: ids stay unique
-        old = getattr(self, "_compiled_key", [])
+        key = [part for m in mats for part in ((m, m.w, m.a, m.b, m.scale) if isinstance(m, LoRA) else (m,))]
+        key += [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]  # objects kept: ids stay
+        old = getattr(self, "_compiled_key", [])                                        # unique
         if len(old) != len(key) or any(a is not b for a, b in zip(old, key)):
             self._compiled, self._compiled_key = self._compile(mats), key
         return self._compiled
 
     def _compile(self, mats):
         bases = [m.w if isinstance(m, LoRA) else m for m in mats]
-        if not all(isinstance(b, fused.QuantMatrix) for b in bases):
+        if not all(isinstance(b, fused.QuantMatrix) and b.shape[0] >= 4 for b in bases):
             return None
         none = np.zeros((0, 0), np.float32)
         adapters = [(m.a, m.b, m.scale) if isinstance(m, LoRA) else (none, none, 0) for m in mats]

@@ -44,8 +44,8 @@ def write(text):
 def idle_cores():
     """The cores other programs leave free, at least one: all of them less the threads running right now in
     other processes (Linux's /proc; elsewhere the 1-minute load average). Each token runs ~150 parallel loops,
-    each waiting for its slowest thread: a thread that shares its core with a busy program made decoding six
-    times slower than one thread alone (the README's measurement)."""
+    each waiting for its slowest thread: a thread that shares its core with a busy program makes decoding several
+    times slower than one thread alone (measured in the README)."""
     cores = os.cpu_count() or 1
     try:
         with open("/proc/loadavg") as f:
