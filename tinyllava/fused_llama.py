@@ -229,12 +229,12 @@ class FusedLlama(Llama):
         """The layers' weights as decode_step reads them, or None if a matrix is not quantized blocks. Made once,
         again only if a layer's matrices change (an adapter attached)."""
         mats = [getattr(layer, f) for layer in self.layers for f in MATRICES]
-        key = [part for m in mats for part in ((m, m.w, m.a, m.b, m.scale) if isinstance(m, LoRA) else (m,))]
-        key += [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]  # objects kept: ids stay
-        old = getattr(self, "_compiled_key", [])                                        # unique
-        if len(old) != len(key) or any(a is not b for a, b in zip(old, key)):
-            self._compiled, self._compiled_key = self._compile(mats), key
-        return self._compiled
+        parts = mats + [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]
+        parts += [p for m in mats if type(m) is LoRA for p in (m.w, m.a, m.b, m.scale)]
+        key = tuple(map(id, parts))              # ids compare in C: this runs for every token
+        if getattr(self, "_compiled_key", None) != key:
+            self._compiled, self._compiled_key, self._compiled_parts = self._compile(mats), key, parts  # parts
+        return self._compiled                                                   # kept alive: their ids stay unique
 
     def _compile(self, mats):
         bases = [m.w if isinstance(m, LoRA) else m for m in mats]
