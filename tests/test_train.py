@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tinyllava.errors import TinyLlavaError
-from tinyllava.gguf import GGUFError
+from tinyllava.instruct import SYSTEM
+from tinyllava.gguf import GGUFError, GGUFFile
 from tinyllava.projector import Projector
 from tinyllava.optim import AdamW, lr_at
 from tinyllava.train import TrainConfig, load_checkpoint, train
@@ -49,6 +50,8 @@ def test_training_lowers_the_loss(synthetic_data, tiny_decoder, tmp_path):
     assert np.mean([r["loss"] for r in log[-5:]]) < np.mean([r["loss"] for r in log[:5]]) - 0.3
     proj = Projector.load(tmp_path / "run" / "projector.gguf")
     assert proj.kind == "mlp2x_gelu" and proj.params["w0"].shape == (32, 768)
+    # trained in the plain template: no system turn recorded for chat questions to pick up (stage 2 records one)
+    assert GGUFFile(tmp_path / "run" / "projector.gguf").get("tinyllava.system") is None
 
 
 def train_cmd(data, cache, out, model):
@@ -150,7 +153,8 @@ def test_stage2_training_lowers_the_loss(synthetic_data, instructions, tiny_deco
                       full=full), log=lambda s: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert np.mean([r["loss"] for r in log[-5:]]) < np.mean([r["loss"] for r in log[:5]]) - 0.3
-    assert (tmp_path / "run" / ("decoder.gguf" if full else "adapter.gguf")).exists()
+    weights = tmp_path / "run" / ("decoder.gguf" if full else "adapter.gguf")
+    assert GGUFFile(weights).get("tinyllava.system") == SYSTEM  # the system turn it was tuned with, for generate
     if not full:  # a second run goes on from the saved projector and adapter: its first loss is the trained one
         run = tmp_path / "run"
         train(stage2_args(instructions, cache, tmp_path / "again", tiny_decoder, steps=1, lr=1e-9,

@@ -300,6 +300,8 @@ def train(cfg, log=print, world=None):
     out.mkdir(parents=True, exist_ok=True)
     decoder, tok = load_decoder(cfg.model)
     system = cfg.system or SYSTEM
+    # what the saved weights record: stage 1 trains in the plain template, with no system turn to carry over
+    meta = {"tinyllava.system": system} if cfg.stage == 2 else {}
     data = stage1_images(cfg, tok) if cfg.stage == 1 else stage2_images(cfg, tok, system)
     train_idx = [i for i, s in enumerate(data.split) if cfg.split in (None, "all") or s in (cfg.split, None)]
     dev_idx = data.dev(cfg.dev_split, cfg.dev_images)
@@ -372,7 +374,7 @@ def train(cfg, log=print, world=None):
             if state["best_dev"] is None or record["dev_loss"] < state["best_dev"]:
                 state.update(best_dev=record["dev_loss"], best_step=step)
                 if writer:
-                    save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.system": system,
+                    save_best(cfg, out, decoder, proj, {"tinyllava.step": step, **meta,
                                                         "tinyllava.dev_loss": record["dev_loss"]})
         if writer:
             with open(log_path, "a") as f:
@@ -383,7 +385,7 @@ def train(cfg, log=print, world=None):
             save_checkpoint(ckpt, params, opt, step, state, cfg.projector)
     progress.close()
     if writer and not dev_idx:
-        save_best(cfg, out, decoder, proj, {"tinyllava.step": step, "tinyllava.system": system})
+        save_best(cfg, out, decoder, proj, {"tinyllava.step": step, **meta})
     log(f"done: {out}" + (f" (best dev loss {state['best_dev']:.4f} at step {state['best_step']})" if dev_idx else ""))
     return proj
 
