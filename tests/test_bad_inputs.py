@@ -245,6 +245,8 @@ def test_data_and_evaluate_arguments(tmp_path, capsys):
     assert_one_line_error(r[0], r[2], "--limit")
     r = run(evaluate.main, "--data", tmp_path, "--skip", "-1", capsys=capsys)
     assert_one_line_error(r[0], r[2], "--skip")
+    r = run(evaluate.main, "--data", tmp_path, "--captions", "--no-retrieval", capsys=capsys)
+    assert_one_line_error(r[0], r[2], "--no-retrieval")
     (tmp_path / "x.json").write_text("{not json")
     r = run(train.main, "--data", tmp_path / "x.json", "--images", tmp_path, "--out", tmp_path / "o", capsys=capsys)
     assert_one_line_error(r[0], r[2], "x.json", "not a readable llava json")

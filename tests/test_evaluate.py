@@ -47,14 +47,21 @@ def test_cli_json(synthetic_data, tiny_decoder, tmp_path):
     from tinyllava.projector import Projector
     data, cache = synthetic_data
     Projector.init("mlp2x_gelu", 768, 32, seed=0).save(tmp_path / "p.gguf")
-    r = subprocess.run([sys.executable, "-m", "tinyllava.evaluate", "--data", str(data), "--limit", "6",
-                        "--projector", str(tmp_path / "p.gguf"), "--model", str(tiny_decoder), "--cache", str(cache),
-                        "--generate", "2", "--json"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    def run(*extra):
+        r = subprocess.run([sys.executable, "-m", "tinyllava.evaluate", "--data", str(data), "--limit", "6",
+                            "--projector", str(tmp_path / "p.gguf"), "--model", str(tiny_decoder), "--cache",
+                            str(cache), "--generate", "2", "--json", *extra], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+    out = run()
     for key in ("k", "r_at_1", "r_at_5", "i2t_r_at_1", "loss_image", "loss_shuffled", "loss_none"):
         assert key in out
     assert out["k"] == 6 and 0 <= out["r_at_1"] <= out["r_at_5"] <= 1 and len(out["samples"]) == 2
+    # the losses alone, from 2K scored captions: the same three numbers (each caption scored in another batch)
+    fast = run("--no-retrieval")
+    assert "r_at_1" not in fast and fast["samples"] == out["samples"]
+    for key in ("loss_image", "loss_shuffled", "loss_none"):
+        assert fast[key] == pytest.approx(out[key], rel=1e-5), key
 
 
 def prompts_and_end(model, lengths=(5, 9, 3, 7, 4, 6, 8, 2), n=12):

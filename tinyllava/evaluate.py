@@ -11,6 +11,7 @@ Loss and retrieval (the default), from log p(caption | image) of the first capti
     image -> caption: rank the K captions by pointwise mutual information,
                       log p(caption | image) - log p(caption | no image)
   Each image's 196-token prefix is computed once into a KV cache that all K captions read, as one batch.
+  --no-retrieval: the three losses alone, from 2K captions instead of K x K (a large dev set in minutes)
 - greedy captions for a few images, next to a human one
 
 --captions: a greedy caption of each image (the plain template, as stage 1 trained it; with --prompt TEXT the
@@ -84,21 +85,23 @@ def retrieval(logp, logp_none):
             "i2t_r_at_1_raw_likelihood": float(np.mean((logp > truth[:, None]).sum(axis=1) < 1))}
 
 
-def evaluate(llava, features, captions, n_generate=5, images=None, progress=True):
-    """features: [K, 196, 768] of K images; captions: their reference captions (caption i of image i)."""
+def evaluate(llava, features, captions, n_generate=5, images=None, progress=True, retrieve=True):
+    """features: [K, 196, 768] of K images; captions: their reference captions (caption i of image i).
+    retrieve=False scores only what the losses need: each image's own caption and the previous image's."""
     from .decoding import Sampling
     tok, dec = llava.tok, llava.decoder
     ids = caption_ids(tok, captions)
     K = len(ids)
     tokens = np.array([len(c) for c in ids])
-    logp = np.zeros((K, K))
-    with bar(K, "K x K scores", "image", progress) as scored:
+    logp = np.full((K, K), np.nan)  # [image, caption]; without retrieval only the diagonal and the one below it
+    with bar(K, "K x K scores" if retrieve else "caption scores", "image", progress) as scored:
         for i in range(K):
-            logp[i], _ = caption_logprobs(dec, llava.projector.forward(features[i]), ids)
+            mine = range(K) if retrieve else [i, (i - 1) % K]
+            logp[i, mine], _ = caption_logprobs(dec, llava.projector.forward(features[i]), [ids[j] for j in mine])
             scored.update()
     none, _ = caption_logprobs(dec, dec.embed([0]), ids)                          # prefix: <|endoftext|>
     shuffled = logp[(np.arange(K) + 1) % K, np.arange(K)]                         # each caption, the next image
-    result = {"k": K, "chance": 1 / K, **retrieval(logp, none),
+    result = {"k": K, "chance": 1 / K, **(retrieval(logp, none) if retrieve else {}),
               "loss_image": float(-np.diag(logp).sum() / tokens.sum()),
               "loss_shuffled": float(-shuffled.sum() / tokens.sum()),
               "loss_none": float(-none.sum() / tokens.sum()), "samples": []}
@@ -292,9 +295,10 @@ def print_retrieval(r):
     print(f"K = {r['k']} held-out images (chance R@1 = {r['chance']:.3f})")
     print(f"caption loss/token: true image {r['loss_image']:.3f}, shuffled image {r['loss_shuffled']:.3f}, "
           f"no image {r['loss_none']:.3f}")
-    print(f"caption -> image: R@1 {r['r_at_1']:.3f}, R@5 {r['r_at_5']:.3f}")
-    print(f"image -> caption by PMI: R@1 {r['i2t_r_at_1']:.3f}, R@5 {r['i2t_r_at_5']:.3f} "
-          f"(raw likelihood R@1 {r['i2t_r_at_1_raw_likelihood']:.3f})")
+    if "r_at_1" in r:
+        print(f"caption -> image: R@1 {r['r_at_1']:.3f}, R@5 {r['r_at_5']:.3f}")
+        print(f"image -> caption by PMI: R@1 {r['i2t_r_at_1']:.3f}, R@5 {r['i2t_r_at_5']:.3f} "
+              f"(raw likelihood R@1 {r['i2t_r_at_1_raw_likelihood']:.3f})")
     for s in r["samples"]:
         print(f"\n{s['image']}\n  generated: {s['generated']}\n  reference: {s['reference']}")
 
@@ -330,6 +334,8 @@ def main(argv=None):
                     help="start after this many images (--vqa: questions; train picks its best checkpoint on the first "
                          "dev images)")
     ap.add_argument("--captions", action="store_true", help="generate captions and score them (BLEU, CIDEr, ROUGE-L)")
+    ap.add_argument("--no-retrieval", action="store_true",
+                    help="the loss mode without retrieval: 2K captions scored instead of K x K")
     ap.add_argument("--prompt", help="--captions: the chat answer to this instead of the plain template's caption")
     ap.add_argument("--beams", type=int, default=1, help="--captions: beam search with this many beams (1: greedy)")
     ap.add_argument("--vqa", metavar="FILE", help="answer the questions of this file and score them")
@@ -354,6 +360,8 @@ def main(argv=None):
         from .weights import vision_path
         if args.captions and args.vqa:
             raise TinyLlavaError("--captions and --vqa are two different evaluations: give one")
+        if args.no_retrieval and (args.captions or args.vqa):
+            raise TinyLlavaError("--no-retrieval belongs to the loss mode (without --captions or --vqa)")
         if not args.vqa and not args.data:
             raise TinyLlavaError("--data is required (or --vqa FILE)")
         if args.limit < (1 if args.captions or args.vqa else 2):
@@ -389,7 +397,7 @@ def main(argv=None):
         else:
             r = evaluate(llava, np.stack([cache[i] for i in range(len(examples))]),
                          [e.captions[0] for e in examples], args.generate, [e.image for e in examples],
-                         progress=not args.json)
+                         progress=not args.json, retrieve=not args.no_retrieval)
         if args.json:
             print(json.dumps(r))
         elif args.vqa:
