@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tinyllava.errors import TinyLlavaError
-from tinyllava.instruct import SYSTEM
 from tinyllava.gguf import GGUFError, GGUFFile
+from tinyllava.instruct import SYSTEM
 from tinyllava.projector import Projector
 from tinyllava.optim import AdamW, lr_at
 from tinyllava.train import TrainConfig, load_checkpoint, train
