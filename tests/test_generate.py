@@ -19,6 +19,16 @@ def test_greedy_32_tokens_equal_the_reference(decoder, case):
     assert new == case["new"], tok.decode(new)
 
 
+def test_the_cache_grows_as_tokens_come(decoder, monkeypatch):
+    """generate() reserves a few KV positions after the prompt and doubles them as the answer goes on: the
+    tokens are those of the reference when the cache grows at almost every step."""
+    from tinyllava import decoding
+    monkeypatch.setattr(decoding, "RESERVE", 1)
+    model, tok = decoder
+    case = load_json("generation.json")[0]
+    assert list(generate(model, model.embed([case["ids"]]), Sampling(32), {tok.eos_id})) == case["new"]
+
+
 def test_greedy_equals_live_reference_on_other_prompts(decoder, reference):
     model, tok = decoder
     for prompt in ["What is a rainbow?", "Suggest a name for a dog."]:

@@ -14,7 +14,8 @@ token ids and the same GGUF files:
     decode               tokens/s of 32 greedy tokens after it (median of --reps)
     vision tower         seconds per 224x224 image, LLaVA's feature (CLIP ViT-B/16 up to block 11 of 12)
     peak RSS             of a generate-like run: decoder and vision tower loaded, one image encoded, then
-                         the prompt and the decoded tokens (VmHWM of that worker)
+                         the prompt and the decoded tokens (VmHWM of that worker); and, with the fused
+                         engine, of the README's first command itself (python -m tinyllava.generate)
 
 Timings on a shared machine are noisy: compare engines within one run, not across runs. When other work
 keeps the cores busy, every engine's threads wait for each other (llama.cpp decoding at 2 threads fell
@@ -299,6 +300,27 @@ def spawn(engine, args, ids, extra=()):
     return json.loads(p.stdout.strip().splitlines()[-1]), None
 
 
+def run_generate(args):
+    """The README's first command as a user runs it (`python -m tinyllava.generate`: the demo photo, captioned by
+    the committed model). -> {"peak_rss_mb": its VmHWM, "files_mb": {file: MB} of the model files it loads}"""
+    import tempfile
+
+    from .model import default_projector_path, stage2_paths
+    from .weights import decoder_path, vision_path
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen([sys.executable, "-m", "tinyllava.generate", "--threads", str(args.threads)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)  # the child's own peak, not that of every child so far
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            return {"error": (err.read().decode(errors="replace").strip().splitlines() or ["?"])[-1][:120]}
+    extra = stage2_paths() if all(q.exists() for q in stage2_paths()) else (default_projector_path(),)
+    return {"peak_rss_mb": usage.ru_maxrss / 1024,
+            "files_mb": {q.name: q.stat().st_size / 1e6 for q in (decoder_path(), vision_path(), *extra)}}
+
+
 def collect(args):
     ids = prompt_ids(args.prompt_tokens)
     results, notes = {}, {}
@@ -322,10 +344,15 @@ def collect(args):
             if res is not None:
                 res.update(ttft)
         results[engine], notes[engine] = res, err
+    if "fused" in args.engines and installed("fused"):
+        print("bench: python -m tinyllava.generate ...", file=sys.stderr, flush=True)
+        first_command = run_generate(args)
+    else:
+        first_command = None
     return {"threads": args.threads, "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
             "reps": args.reps, "cpu": cpu_name(), "vector_extensions": vector_extensions(),
             "numba_target": numba_target(), "cores": os.cpu_count(), "load_average": load_average(),
-            "model_files_mb": model_files_mb(), "results": results,
+            "model_files_mb": model_files_mb(), "results": results, "generate": first_command,
             "errors": {k: v for k, v in notes.items() if v}, "ratios": ratios(results)}
 
 
@@ -440,7 +467,15 @@ def table(report):
              f"({' + '.join(f'{v:.0f}' for v in report['model_files_mb'].values())}).",
              "[1] llama.cpp's vision tower runs tinyllava's exported mmproj: it needs weights/projector.gguf.",
              "peak RSS: every worker loads both models and encodes one image, then the prompt and the decoded "
-             "tokens; fused gives the vision tower's pages back after the image (fused.release)."]
+             "tokens; fused gives the vision tower's pages back after the image (GGUFFile.release)."]
+    g = report.get("generate")
+    if g and "error" in g:
+        notes.append(f"python -m tinyllava.generate failed: {g['error']}")
+    elif g:
+        loaded = sum(g["files_mb"].values())
+        notes.append(f"the README's first command (`python -m tinyllava.generate --threads {report['threads']}`): "
+                     f"peak RSS {g['peak_rss_mb']:.0f} MB, {g['peak_rss_mb'] / loaded:.2f}x the {loaded:.0f} MB of "
+                     f"model files it loads ({', '.join(g['files_mb'])}).")
     lc = res.get("llama.cpp")
     if lc and not lc.get("extra_bufts", True):
         notes.append("llama.cpp ran with use_extra_bufts=False: its AMX weight buffers crash on this VM.")

@@ -21,6 +21,7 @@ from .llama import KVCache
 from .ops import log_softmax
 
 PREFILL_CHUNK = 256  # prompt positions per forward pass: bounds the attention scores' memory
+RESERVE = 64         # KV cache positions reserved after a prompt; it doubles when they are used up
 
 
 @dataclass
@@ -69,11 +70,11 @@ def generate(model, x, sampling=Sampling(), stop_ids=(), cache=None, on_step=Non
     T, n = x.shape[1], sampling.n_predict
     if T == 0:
         raise TinyLlavaError("the prompt is empty")
-    cache = cache if cache is not None else KVCache(model.cfg, 1, T + n)
+    cache = cache if cache is not None else KVCache(model.cfg, 1, 0)
     if cache.length + T + n > model.cfg.context_length:
         raise TinyLlavaError(f"prompt ({cache.length + T} tokens) + {n} new tokens do not fit in the "
                              f"context ({model.cfg.context_length} positions)")
-    cache.reserve(cache.length + T + n)
+    cache.reserve(cache.length + T + min(n, RESERVE))  # the rest as it comes: most answers end long before n
     rng = np.random.default_rng(sampling.seed)
     logits = prefill(model, x, cache, hidden_states)
     for step in range(n):
@@ -83,7 +84,7 @@ def generate(model, x, sampling=Sampling(), stop_ids=(), cache=None, on_step=Non
         yield tok
         if tok in stop_ids or step == n - 1:
             return
-        logits = model.logits(model.forward(model.embed([[tok]]), cache)[0, -1])
+        logits = model.logits(model.forward(model.embed([[tok]]), cache.reserve(cache.length + 1))[0, -1])
 
 
 class TextStream:

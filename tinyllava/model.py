@@ -121,7 +121,7 @@ class Chat:
     def __init__(self, llava, images=(), system=None):
         self.llava, self.images, self.system = llava, list(images), system or llava.system
         self.history = []   # the messages so far
-        self.cache = KVCache(llava.decoder.cfg, 1, 256)
+        self.cache = KVCache(llava.decoder.cfg, 1, 0)  # generate() reserves as it goes
         self.text = ""      # the conversation's text so far: in the cache, but for the pending token
         self.pending = []   # the last answer's final token, sampled but not yet fed in
         self.ids = []       # the last answer's token ids
