@@ -169,15 +169,6 @@ def test_vision_block(tensors):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-def test_release_gives_pages_back_and_keeps_the_numbers():
-    g = GGUFFile(weights.vision_path())
-    m = fused.QuantMatrix.from_tensor(g.tensor("v.blk.0.ffn_up.weight"))
-    x = np.random.default_rng(0).standard_normal((1, 768)).astype(np.float32)
-    before = m.matmul(x)
-    g.release()                                                       # the pages come back on the next read
-    np.testing.assert_array_equal(m.matmul(x), before)
-
-
 def test_set_threads_reaches_numba_and_openblas():
     """generate runs on the idle cores: fused.set_threads sets numba's threads and those of NumPy's OpenBLAS."""
     names = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")

@@ -20,13 +20,16 @@ def test_greedy_32_tokens_equal_the_reference(decoder, case):
 
 
 def test_the_cache_grows_as_tokens_come(decoder, monkeypatch):
-    """generate() reserves a few KV positions after the prompt and doubles them as the answer goes on: the
-    tokens are those of the reference when the cache grows at almost every step."""
+    """generate() reserves KV positions for a few tokens after the prompt, not for n_predict, and doubles them
+    when the answer needs more: the tokens are the reference's when the cache has to grow during the answer."""
     from tinyllava import decoding
+    from tinyllava.llama import KVCache
     monkeypatch.setattr(decoding, "RESERVE", 1)
     model, tok = decoder
     case = load_json("generation.json")[0]
-    assert list(generate(model, model.embed([case["ids"]]), Sampling(32), {tok.eos_id})) == case["new"]
+    T, cache = len(case["ids"]), KVCache(model.cfg, 1, 0)
+    assert list(generate(model, model.embed([case["ids"]]), Sampling(256), {tok.eos_id}, cache)) == case["new"]
+    assert len(case["new"]) > 2 and cache.k.shape[2] == 2 * (T + 1)  # T + 1, then doubled once
 
 
 def test_greedy_equals_live_reference_on_other_prompts(decoder, reference):

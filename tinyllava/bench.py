@@ -37,11 +37,11 @@ PROMPT = ("Describe the picture in detail. " * 60)  # tokenized, then cut to --p
 
 
 # -- measuring, inside a worker --------------------------------------------------------------------------
-def rss_mb(key="VmRSS"):  # this process's resident memory in MB (VmHWM: the peak so far)
+def rss_mb(key="VmRSS"):  # this process's resident memory in MB of 10^6 bytes, as the files (VmHWM: the peak)
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
+                return int(line.split()[1]) * 1024 / 1e6  # the kernel's "kB" are KiB
     return float("nan")
 
 
@@ -81,8 +81,8 @@ def tinyllava_decode(model, cache, tok_id, n):  # n greedy steps after tok_id, a
 def run_tinyllava(args, fused):
     """The tinyllava engines: fused (quantized blocks, fused.QuantMatrix) or reference (float32 at load). In
     the order of a generate run with an image: load both models, encode the image, then the prompt, then
-    decode. The fused engine gives back the vision tower's pages after the image (GGUFFile.release), and both
-    keep freed memory for reuse (fused.keep_freed_memory), as generate does."""
+    decode. Both drop the vision tower after the image and keep freed memory for reuse
+    (fused.keep_freed_memory), as generate does."""
     import numpy as np
     memory = {"imports": rss_mb()}
     from . import fused as fused_mod
@@ -111,9 +111,8 @@ def run_tinyllava(args, fused):
     tower.features(px)  # warm
     vision = median_time(lambda: tower.features(px), args.reps)
     memory["image encoded"] = rss_mb()
-    if fused:
-        tower.gguf.release()
-        memory["vision pages released"] = rss_mb()
+    tower = None  # dropped, as generate drops it (the fused one's file is unmapped with it)
+    memory["vision tower dropped"] = rss_mb()
     prefill()  # warm
     prefill_s = median_time(prefill, args.reps)
     logits, cache = prefill()
@@ -281,11 +280,20 @@ def installed(engine):
     return all(importlib.util.find_spec(mod) is not None for mod in NEEDS[engine])
 
 
+def thread_env(threads):  # the environment of a fresh Python whose every thread pool has `threads` threads
+    return dict(os.environ, **{var: str(threads) for var in
+                               ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")})
+
+
+def failure(returncode, stderr):  # why a process failed, in one line
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    why = f"signal {-returncode}" if returncode < 0 else (lines[-1] if lines else f"exit {returncode}")
+    return "failed: " + why[:120]
+
+
 def spawn(engine, args, ids, extra=()):
     """Run one engine in a fresh Python with the thread count fixed. -> (result dict or None, error text)"""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(args.threads)
+    env = thread_env(args.threads)
     cmd = [sys.executable, "-m", "tinyllava.bench", "--worker", engine, "--threads", str(args.threads),
            "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens), "--ids", ",".join(map(str, ids)),
            *extra]
@@ -294,37 +302,42 @@ def spawn(engine, args, ids, extra=()):
     except subprocess.TimeoutExpired:
         return None, f"timed out after {args.timeout} s"
     if p.returncode != 0:
-        lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
-        why = f"signal {-p.returncode}" if p.returncode < 0 else (lines[-1] if lines else f"exit {p.returncode}")
-        return None, "failed: " + why[:120]
+        return None, failure(p.returncode, p.stderr)
     return json.loads(p.stdout.strip().splitlines()[-1]), None
 
 
 def run_generate(args):
     """The README's first command as a user runs it (`python -m tinyllava.generate`: the demo photo, captioned by
-    the committed model). -> {"peak_rss_mb": its VmHWM, "files_mb": {file: MB} of the model files it loads}"""
+    the committed model), with --threads. -> {"peak_rss_mb": its own VmHWM, "files_mb": {file: MB} of the model
+    files it loads} or {"error": why}"""
     import tempfile
+    import threading
 
     from .model import default_projector_path, stage2_paths
     from .weights import decoder_path, vision_path
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
     with tempfile.TemporaryFile() as err:
-        p = subprocess.Popen([sys.executable, "-m", "tinyllava.generate", "--threads", str(args.threads)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=err)
+        p = subprocess.Popen([sys.executable, "-m", "tinyllava.generate", "--threads", str(args.threads)],
+                             env=thread_env(args.threads), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=err)
+        timer = threading.Timer(args.timeout, p.kill)
+        timer.start()
         _, status, usage = os.wait4(p.pid, 0)  # the child's own peak, not that of every child so far
+        timer.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode != 0:
             err.seek(0)
-            return {"error": (err.read().decode(errors="replace").strip().splitlines() or ["?"])[-1][:120]}
+            return {"error": failure(p.returncode, err.read().decode(errors="replace"))}
+    # the files generate.py loads: the stage-2 model when it is there, else the stage-1 projector
     extra = stage2_paths() if all(q.exists() for q in stage2_paths()) else (default_projector_path(),)
-    return {"peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,
             "files_mb": {q.name: q.stat().st_size / 1e6 for q in (decoder_path(), vision_path(), *extra)}}
 
 
 def collect(args):
     ids = prompt_ids(args.prompt_tokens)
     results, notes = {}, {}
-    if "fused" in args.engines and installed("fused"):  # fill numba's on-disk cache, so TTFT is not a compile
+    fused = "fused" in args.engines
+    if fused:  # fill numba's on-disk cache, so TTFT is not a compile
         subprocess.run([sys.executable, "-c", "from tinyllava import bench; bench.warm_numba()"], timeout=args.timeout)
     for engine in args.engines:
         if not installed(engine):
@@ -344,11 +357,9 @@ def collect(args):
             if res is not None:
                 res.update(ttft)
         results[engine], notes[engine] = res, err
-    if "fused" in args.engines and installed("fused"):
+    if fused:
         print("bench: python -m tinyllava.generate ...", file=sys.stderr, flush=True)
-        first_command = run_generate(args)
-    else:
-        first_command = None
+    first_command = run_generate(args) if fused else None
     return {"threads": args.threads, "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
             "reps": args.reps, "cpu": cpu_name(), "vector_extensions": vector_extensions(),
             "numba_target": numba_target(), "cores": os.cpu_count(), "load_average": load_average(),
@@ -467,10 +478,10 @@ def table(report):
              f"({' + '.join(f'{v:.0f}' for v in report['model_files_mb'].values())}).",
              "[1] llama.cpp's vision tower runs tinyllava's exported mmproj: it needs weights/projector.gguf.",
              "peak RSS: every worker loads both models and encodes one image, then the prompt and the decoded "
-             "tokens; fused gives the vision tower's pages back after the image (GGUFFile.release)."]
+             "tokens; the vision tower is dropped after the image, as generate drops it."]
     g = report.get("generate")
     if g and "error" in g:
-        notes.append(f"python -m tinyllava.generate failed: {g['error']}")
+        notes.append(f"python -m tinyllava.generate {g['error']}")
     elif g:
         loaded = sum(g["files_mb"].values())
         notes.append(f"the README's first command (`python -m tinyllava.generate --threads {report['threads']}`): "

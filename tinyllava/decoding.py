@@ -64,17 +64,18 @@ def prefill(model, x, cache, hidden_states=None):  # [1, T, d] -> logits of the 
 
 def generate(model, x, sampling=Sampling(), stop_ids=(), cache=None, on_step=None, hidden_states=None):
     """Yield up to sampling.n_predict token ids continuing the prompt embeddings x [1, T, d]; the last one
-    yielded is a stop id if one came. `cache`, if given, holds what came before x and is extended.
+    yielded is a stop id if one came. `cache`, if given, holds what came before x and is extended (its k and v
+    arrays are replaced by larger ones as it grows).
     on_step(step, logits) sees the logits before each choice; `hidden_states` (a list) gets the prefill's block
     outputs (the trace uses both)."""
     T, n = x.shape[1], sampling.n_predict
     if T == 0:
         raise TinyLlavaError("the prompt is empty")
-    cache = cache if cache is not None else KVCache(model.cfg, 1, 0)
-    if cache.length + T + n > model.cfg.context_length:
+    cache, context = cache if cache is not None else KVCache(model.cfg, 1, 0), model.cfg.context_length
+    if cache.length + T + n > context:
         raise TinyLlavaError(f"prompt ({cache.length + T} tokens) + {n} new tokens do not fit in the "
-                             f"context ({model.cfg.context_length} positions)")
-    cache.reserve(cache.length + T + min(n, RESERVE))  # the rest as it comes: most answers end long before n
+                             f"context ({context} positions)")
+    cache.reserve(cache.length + T + min(n, RESERVE), context)  # the rest as it comes: most answers end long before n
     rng = np.random.default_rng(sampling.seed)
     logits = prefill(model, x, cache, hidden_states)
     for step in range(n):
@@ -84,7 +85,7 @@ def generate(model, x, sampling=Sampling(), stop_ids=(), cache=None, on_step=Non
         yield tok
         if tok in stop_ids or step == n - 1:
             return
-        logits = model.logits(model.forward(model.embed([[tok]]), cache.reserve(cache.length + 1))[0, -1])
+        logits = model.logits(model.forward(model.embed([[tok]]), cache.reserve(cache.length + 1, context))[0, -1])
 
 
 class TextStream:

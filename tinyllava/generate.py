@@ -129,7 +129,7 @@ def main(argv=None):
             llava = load_llava(projector, args.model, load_matrix=load_matrix, adapter=adapter)
             tokens = [trace.image_tokens(llava, p, pad=not args.crop) if args.trace else
                       llava.image_tokens(px[None])[0] for p, px in zip(images, pixels)]   # [196, d] each
-            llava.tower = None  # its work is done: its memory goes back before the prompt
+            llava.tower = None  # its work is done: its memory is freed before the prompt
         else:
             llava, tokens = Llava(*load_decoder(args.model, load_matrix=load_matrix)), []
             if adapter:  # text only: the stage-2 language model, without the vision side

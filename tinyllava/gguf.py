@@ -15,7 +15,6 @@ Every count and offset is checked against the file's size before it is used, so 
 raises GGUFError naming the problem, and never makes the reader allocate what the file merely claims.
 """
 import math
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -205,13 +204,6 @@ class GGUFFile:
         if key not in self.metadata:
             self.fail(f"missing metadata key {key!r} (is this the right kind of model file?)")
         return self.metadata[key]
-
-    def release(self):
-        """Give back the RAM of the pages that were read. The file stays mapped, and a page read again comes
-        back from the OS's page cache (no disk read): for a tower whose weights are not needed for a while."""
-        mm = getattr(self._buf, "_mmap", None)  # the mmap.mmap under the np.memmap
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
 
     def tensor(self, name):
         if name not in self.tensors:

@@ -113,11 +113,11 @@ class KVCache:
         new.k, new.v, new.length = self.k.copy(), self.v.copy(), self.length
         return new
 
-    def reserve(self, n):
-        """Room for n positions, growing by doubling (untouched zeros cost nothing, but every touched layer of
-        one big allocation would be backed by huge pages)."""
+    def reserve(self, n, limit=None):
+        """Room for n positions, growing by doubling up to `limit` (untouched zeros cost nothing, but every
+        touched layer of one big allocation would be backed by huge pages). k and v may become new arrays."""
         if n > self.k.shape[2]:
-            grown = max(n, 2 * self.k.shape[2])
+            grown = max(n, min(2 * self.k.shape[2], limit or 2 * self.k.shape[2]))
             k, v = (np.zeros(self.k.shape[:2] + (grown,) + self.k.shape[3:], self.k.dtype) for _ in range(2))
             k[:, :, :self.length], v[:, :, :self.length] = self.k[:, :, :self.length], self.v[:, :, :self.length]
             self.k, self.v = k, v
