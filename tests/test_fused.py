@@ -13,6 +13,12 @@ quantization step moves y[i] by about s / n, 6e-4 s for n = 1536.
 For the whole decoder the logits are compared to 1e-4 of the largest logit (measured: 4e-7 after the prompt,
 2e-6 after decoding steps): rounding differences grow through 30 blocks, a wrong matrix would not stay small.
 """
+import json
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -167,6 +173,37 @@ def test_vision_block(tensors):
     x = np.random.default_rng(0).standard_normal((1, 197, 768)).astype(np.float32)
     a, b = clip_block(x, layer, ClipConfig()), clip_block(x, plain, ClipConfig())
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+VECTOR_CODE = """
+import json, re, numpy as np
+from tinyllava import fused
+from tinyllava.quant import GGMLType
+fused.set_threads(1)
+for t in (GGMLType.Q4_1, GGMLType.Q8_0):  # the decoder's two kinds, through the one-thread product
+    w = np.random.default_rng(1).standard_normal((64, 576)).astype(np.float32)
+    fused.QuantMatrix.quantize(w, t).matmul(np.ones((1, 576), np.float32))
+asm = "\\n".join(fused.matvec_1thread.inspect_asm().values())
+fma = re.findall(r"^\\s*vfn?m(?:add|sub)\\w*ps\\s.*%([xyz]mm)\\d+\\s*$", asm, re.M)  # packed float32 FMAs
+print(json.dumps({r: fma.count(r) for r in ("xmm", "ymm", "zmm")}))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 assembly")
+@pytest.mark.parametrize("cpu", ["host", "haswell"])
+def test_the_products_compile_to_vector_code(cpu, tmp_path):
+    """The quantized products become packed float32 fused multiply-adds in 256-bit registers (ymm, 8 lanes) or
+    wider, on this CPU and for AVX2 alone (NUMBA_CPU_NAME=haswell: the code an AVX2 laptop gets); scalar code
+    would have none. Compiled afresh (an empty cache directory): numba shows no assembly of cached code."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    if cpu == "haswell":
+        env.update(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c")
+    p = subprocess.run([sys.executable, "-c", VECTOR_CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    fma = json.loads(p.stdout)
+    assert fma["ymm"] + fma["zmm"] >= 32, fma
+    if cpu == "haswell":
+        assert fma["zmm"] == 0, fma  # AVX2 has no 512-bit registers
 
 
 def test_set_threads_reaches_numba_and_openblas():
