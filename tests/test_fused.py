@@ -206,6 +206,45 @@ def test_the_products_compile_to_vector_code(cpu, tmp_path):
         assert fma["zmm"] == 0, fma  # AVX2 has no 512-bit registers
 
 
+OLD_X86 = """
+import numba, numpy as np
+from tinyllava import fused, quant
+from tinyllava.quant import GGMLType
+assert not fused.NATIVE_F16  # the integer path is the one compiled here
+
+
+@numba.njit
+def widen(b, out):
+    for i in range(out.shape[0]):
+        out[i] = fused.f16(b, 2 * i)
+
+
+h = np.arange(2 ** 16, dtype=np.uint16)  # every float16, subnormals, infinities and NaNs included
+out, want = np.empty(2 ** 16, np.float32), h.view(np.float16).astype(np.float32)
+widen(h.view(np.uint8), out)
+nan = np.isnan(want)
+assert np.array_equal(np.isnan(out), nan) and np.array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))
+fused.set_threads(1)
+x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
+for t in (GGMLType.Q4_1, GGMLType.Q8_0):
+    m = fused.QuantMatrix.quantize(np.random.default_rng(1).standard_normal((64, 576)).astype(np.float32), t)
+    assert np.array_equal(m.dequantize(), quant.dequantize(m.w, t, m.shape))
+    y, ref = m.matmul(x), x.astype(np.float64) @ quant.dequantize(m.w, t, m.shape).T.astype(np.float64)
+    assert np.abs(y - ref).max() < 1e-5 * np.abs(ref).max()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="compiles for an older x86")
+def test_an_x86_without_f16c_widens_float16_exactly(tmp_path):
+    """On an x86 CPU without F16C (before 2012; Atom-class cores without AVX) the float16 scales are widened with
+    integer operations, not by a library call the JIT lacks (that crashed): every float16 bit for bit as NumPy
+    widens it, and the products equal the NumPy path. Compiled for such a CPU: NUMBA_CPU_NAME=x86-64, SSE2."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="+sse2")
+    p = subprocess.run([sys.executable, "-c", OLD_X86], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
 def test_set_threads_reaches_numba_and_openblas():
     """generate runs on the idle cores: fused.set_threads sets numba's threads and those of NumPy's OpenBLAS."""
     names = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")

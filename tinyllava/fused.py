@@ -131,13 +131,40 @@ if numba:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
+    def native_f16():  # can the CPU numba compiles for widen float16 itself? (x86 without F16C cannot)
+        import platform
+
+        import llvmlite.binding as llvm
+        features = (numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()).split(",")
+        return platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or "+f16c" in features
+
+    def widen_f16(builder, h):  # float16 bits (i16) -> float32 with integer operations: x86 before F16C
+        """The sign moves to bit 31; exponent and mantissa move up 13 bits, which reads as the value times 2^-112
+        (the exponent biases are 15 and 127), so one multiply by 2^112 makes it exact, subnormals included.
+        Infinities and NaNs (exponent all ones) get float32's all-ones exponent instead."""
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        bits = builder.zext(h, i32)
+        sign = builder.shl(builder.and_(bits, i32(0x8000)), i32(16))
+        body = builder.shl(builder.and_(bits, i32(0x7FFF)), i32(13))
+        finite = builder.fmul(builder.bitcast(body, f32), f32(2.0 ** 112))
+        special = builder.bitcast(builder.or_(body, i32(0x7F800000)), f32)
+        is_special = builder.icmp_unsigned(">=", body, i32(0x7C00 << 13))
+        value = builder.bitcast(builder.select(is_special, special, finite), i32)
+        return builder.bitcast(builder.or_(value, sign), f32)
+
+    NATIVE_F16 = native_f16()
+
     @intrinsic
     def f16(typingctx, b, o):  # the little-endian float16 at bytes b[o], b[o + 1] -> float32
         """Load the two bytes as a float16 and widen it: one instruction (vcvtph2ps) on x86 since 2012. numba has
-        no float16 type, and the same conversion done with shifts and masks is slower."""
+        no float16 type, and the same conversion done with shifts and masks is slower; an x86 CPU without
+        F16C (before 2012, and Atom-class cores without AVX) gets it all the same: LLVM would call a library
+        function the JIT does not have."""
         def codegen(context, builder, sig, args):
             data = context.make_array(sig.args[0])(context, builder, args[0]).data
             h = builder.load(builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(16).as_pointer()), align=1)
+            if not NATIVE_F16:
+                return widen_f16(builder, h)
             return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
         return numba.float32(b, numba.intp), codegen
 
