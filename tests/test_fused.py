@@ -189,18 +189,24 @@ print(json.dumps({r: fma.count(r) for r in ("xmm", "ymm", "zmm")}))
 """
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 assembly")
+on_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="compiles for x86 CPUs")
+
+
+def run_compiled(code, cache_dir, **env):  # code in a fresh Python whose numba compiles afresh -> its stdout
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), **env),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+@on_x86
 @pytest.mark.parametrize("cpu", ["host", "haswell"])
 def test_the_products_compile_to_vector_code(cpu, tmp_path):
     """The quantized products become packed float32 fused multiply-adds in 256-bit registers (ymm, 8 lanes) or
     wider, on this CPU and for AVX2 alone (NUMBA_CPU_NAME=haswell: the code an AVX2 laptop gets); scalar code
     would have none. Compiled afresh (an empty cache directory): numba shows no assembly of cached code."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    if cpu == "haswell":
-        env.update(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c")
-    p = subprocess.run([sys.executable, "-c", VECTOR_CODE], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    fma = json.loads(p.stdout)
+    target = dict(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c") if cpu == "haswell" else {}
+    fma = json.loads(run_compiled(VECTOR_CODE, tmp_path, **target))
     assert fma["ymm"] + fma["zmm"] >= 32, fma
     if cpu == "haswell":
         assert fma["zmm"] == 0, fma  # AVX2 has no 512-bit registers
@@ -235,14 +241,12 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="compiles for an older x86")
+@on_x86
 def test_an_x86_without_f16c_widens_float16_exactly(tmp_path):
     """On an x86 CPU without F16C (before 2012; Atom-class cores without AVX) the float16 scales are widened with
     integer operations, not by a library call the JIT lacks (that crashed): every float16 bit for bit as NumPy
     widens it, and the products equal the NumPy path. Compiled for such a CPU: NUMBA_CPU_NAME=x86-64, SSE2."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="+sse2")
-    p = subprocess.run([sys.executable, "-c", OLD_X86], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+    assert run_compiled(OLD_X86, tmp_path, NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="+sse2").strip() == "ok"
 
 
 def test_set_threads_reaches_numba_and_openblas():
