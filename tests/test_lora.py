@@ -46,6 +46,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert g.tensors["blk.1.ffn_down.weight.lora_b"].type.name == "F16"
     fresh = tiny_llama(0, dtype=np.float32)
     lora.load(tmp_path / "a.gguf", fresh)
+    assert all(m.a.dtype == m.b.dtype == np.float16 for m in lora.adapters(fresh).values())   # as in the file
     np.testing.assert_allclose(fresh.forward(x), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(TinyLlavaError, match="adapters already"):  # stacked adapters would have no merged()
         lora.load(tmp_path / "a.gguf", fresh)

@@ -12,7 +12,8 @@ blocks, as loops over one position, with q, k and v (and gate and up) in one par
     f = rms_norm(x)                  g, u = f Wg^T, f Wu^T                   (one parallel loop)
     x = x + (silu(g) u) Wd^T
 
-A LoRA adapter (lora.py) adds s B (A a) to its product. llama.py stays the readable form and the path for all
+A LoRA adapter (lora.py) adds s B (A a) to its product, read in float16 as its file stores it (an adapter in
+float32, one that is training, takes Llama's path). llama.py stays the readable form and the path for all
 else (prefill, batches, training); tests/test_fused.py checks that both give the same logits and greedy tokens.
 The README's "Speed and memory" has what this step saves.
 """
@@ -42,18 +43,18 @@ def rms_norm(x, w, eps):  # [1, d], [d] -> [1, d]
 
 @jit(inline="always", fastmath=True)
 def add_lora(y, a, lora_a, lora_b, scales, m):  # y [n_out] += s B (A a), matrix m's adapter (r = 0: none)
-    A, B, s = lora_a[m], lora_b[m], scales[m]                                 # [r, n_in], [n_out, r]
+    A, B, s = lora_a[m], lora_b[m], scales[m]                   # float16 as bytes: [r, 2 n_in], [n_out, 2 r]
     if A.shape[0] == 0:
         return
     t = np.empty(A.shape[0], np.float32)                                      # [r] = A a (np.zeros: a parallel loop)
     for i in range(A.shape[0]):
         t[i] = 0
-        for j in range(A.shape[1]):
-            t[i] += A[i, j] * a[j]
+        for j in range(a.shape[0]):
+            t[i] += fused.f16(A[i], 2 * j) * a[j]
     for o in range(B.shape[0]):
         acc = np.float32(0)
-        for i in range(B.shape[1]):
-            acc += B[o, i] * t[i]
+        for i in range(t.shape[0]):
+            acc += fused.f16(B[o], 2 * i) * t[i]
         y[o] += s * acc
 
 
@@ -240,13 +241,15 @@ class FusedLlama(Llama):
         bases = [m.w if isinstance(m, LoRA) else m for m in mats]
         if not all(isinstance(b, fused.QuantMatrix) and b.shape[0] >= 4 for b in bases):
             return None
-        none = np.zeros((0, 0), np.float32)
+        none = np.zeros((0, 0), np.float16)
         adapters = [(m.a, m.b, m.scale) if isinstance(m, LoRA) else (none, none, 0) for m in mats]
         norms = [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]   # not copies: they may train
-        if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
-                   for a in norms + [p for a, b, _ in adapters for p in (a, b)]):
+        def ok(a, dtype):
+            return isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+        if not (all(ok(n, np.float32) for n in norms) and all(ok(a, np.float16) and ok(b, np.float16)
+                                                                for a, b, _ in adapters)):
             return None
-        n = len(MATRICES)
+        n, as_bytes = len(MATRICES), lambda a: readonly(a.view(np.uint8))                  # float16 [r, n] -> [r, 2 n]
         return (as_list([readonly(a) for a in norms], 2), as_list([b.w for b in bases], n),
-                np.array([fused.KERNELS[b.type] for b in bases]), as_list([readonly(a) for a, _, _ in adapters], n),
-                as_list([readonly(b) for _, b, _ in adapters], n), np.array([s for _, _, s in adapters], np.float32))
+                np.array([fused.KERNELS[b.type] for b in bases]), as_list([as_bytes(a) for a, _, _ in adapters], n),
+                as_list([as_bytes(b) for _, b, _ in adapters], n), np.array([s for _, _, s in adapters], np.float32))

@@ -11,7 +11,9 @@ numbers per matrix instead of n_in n_out. Their gradients, from dy = d(loss)/dy 
 
 W stays whatever it was: a float32 array, or the file's quantized blocks (fused.QuantMatrix), so the adapter
 runs beside each quantized product. Saved as llama.cpp's LoRA GGUF (general.type = adapter): tensors
-blk.N.attn_q.weight.lora_a [r, n_in] and .lora_b [n_out, r], adapter.lora.alpha.
+blk.N.attn_q.weight.lora_a [r, n_in] and .lora_b [n_out, r] in float16, adapter.lora.alpha. A loaded adapter
+stays float16, in the file's pages (half the memory of float32; NumPy widens it in each product, exactly);
+training widens what it trains to float32.
 """
 import numpy as np
 
@@ -19,6 +21,7 @@ from .errors import TinyLlavaError
 from .gguf import GGUFFile, ValueType, write_gguf
 from .llama import TENSOR_NAMES
 from .ops import linear
+from .quant import GGMLType
 
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")  # every linear
 FIELD = {TENSOR_NAMES[f].removesuffix(".weight"): f for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
@@ -48,7 +51,7 @@ class LoRA:
 
     def merged(self):  # -> float32 [n_out, n_in]: W + s B A
         w = self.w if isinstance(self.w, np.ndarray) else self.w.dequantize()
-        return w + self.scale * (self.b @ self.a)
+        return w + self.scale * (self.b.astype(np.float32) @ self.a.astype(np.float32))  # not a float16 product
 
 
 def attach(decoder, rank=16, alpha=32.0, targets=TARGETS, seed=0):
@@ -100,7 +103,9 @@ def load(path, decoder):
         base, _, part = name.rpartition(".")
         if part not in ("lora_a", "lora_b") or base not in weights or base.split(".")[-2] not in FIELD:
             g.fail(f"tensor {name!r} adapts nothing in this decoder")
-        pairs.setdefault(base, {})[part] = g.tensor(name).numpy()
+        t = g.tensor(name)
+        pairs.setdefault(base, {})[part] = (t.data.view("<f2").reshape(t.shape) if t.type == GGMLType.F16 else
+                                            t.numpy())                        # float16 stays: a view of the file
     alpha = g.require("adapter.lora.alpha")
     for base, p in pairs.items():
         if set(p) != {"lora_a", "lora_b"}:
