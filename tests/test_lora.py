@@ -28,6 +28,14 @@ def test_a_fresh_adapter_changes_nothing_and_a_trained_one_is_w_plus_s_b_a():
     y = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_allclose(m.matmul(y), y @ m.merged().T)
     np.testing.assert_allclose(y @ m, y @ m.merged())
+    r = np.random.default_rng(2)                     # merged() keeps float64 exact, and widens a file's float16
+    w, a, b = r.standard_normal((3, 4)), r.standard_normal((2, 4)), r.standard_normal((3, 2))
+    assert lora.LoRA(w, a, b, 0.5).merged().dtype == np.float64
+    np.testing.assert_array_equal(lora.LoRA(w, a, b, 0.5).merged(), w + np.float32(0.5) * (b @ a))
+    a16, b16 = a.astype(np.float16), b.astype(np.float16)
+    half = lora.LoRA(w.astype(np.float32), a16, b16, 0.5).merged()
+    want = w.astype(np.float32) + np.float32(0.5) * (b16.astype(np.float32) @ a16.astype(np.float32))
+    assert half.dtype == np.float32 and np.array_equal(half, want)
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -49,9 +49,10 @@ class LoRA:
     def weight_grad(self, dy, x):  # dy [M, n_out], x [M, n_in] -> {"lora_a": [r, n_in], "lora_b": [n_out, r]}
         return {"lora_a": self.scale * ((dy @ self.b).T @ x), "lora_b": self.scale * (dy.T @ (x @ self.a.T))}
 
-    def merged(self):  # -> float32 [n_out, n_in]: W + s B A
+    def merged(self):  # -> [n_out, n_in]: W + s B A, float32 (float64 if W, A or B is)
         w = self.w if isinstance(self.w, np.ndarray) else self.w.dequantize()
-        return w + self.scale * (self.b.astype(np.float32) @ self.a.astype(np.float32))  # not a float16 product
+        dtype = np.result_type(self.a, self.b, np.float32)    # a loaded adapter's float16 widens; float64 stays
+        return w + self.scale * (self.b.astype(dtype, copy=False) @ self.a.astype(dtype, copy=False))
 
 
 def attach(decoder, rank=16, alpha=32.0, targets=TARGETS, seed=0):
