@@ -15,6 +15,7 @@ Every count and offset is checked against the file's size before it is used, so 
 raises GGUFError naming the problem, and never makes the reader allocate what the file merely claims.
 """
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -79,14 +80,18 @@ class GGUFFile:
         if self.path.is_dir():
             raise GGUFError(f"{self.path}: is a directory, not a GGUF file")
         try:
-            size = self.path.stat().st_size
-            self._buf = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
         except OSError as e:
             raise GGUFError(f"{self.path}: cannot open ({e.strerror or e})") from None
+        self._buf = np.frombuffer(self._map, np.uint8) if self._map else np.zeros(0, np.uint8)
         self._mv = memoryview(self._buf)
         self._pos = 0
         self.metadata, self.types, self.tensors = {}, {}, {}
         self._parse()
+        header = self._pos - self._pos % mmap.PAGESIZE
+        if header and hasattr(self._map, "madvise"):  # parsed: the header's pages (SmolLM2's tokenizer, 1.8 MB)
+            self._map.madvise(mmap.MADV_DONTNEED, 0, header)  # need not stay in this process; the tensors' do
 
     # -- low-level reads, each checked against the end of the file --------------------------------------
     def fail(self, what):
