@@ -154,6 +154,19 @@ def test_decoder_logits_and_greedy_tokens(decoder, fused_decoder):
     assert list(generate(model, x[1], Sampling(24))) == want
 
 
+def test_a_prefill_hands_its_tile_buffer_back(fused_decoder):
+    """Decoding needs no dequantized tiles: after a prompt goes into the KV cache the buffer is dropped (and
+    malloc's free pages returned), so the decoding steps do not hold them at the peak of the process's memory.
+    A pass without a cache (scoring, training) keeps it for the next one."""
+    from tinyllava.llama import KVCache
+    model, _ = fused_decoder
+    x = model.embed([list(range(1, 40))])                             # [1, 39, d]: the sgemm tiles
+    model.forward(x)
+    assert fused._local.buf is not None
+    model.forward(x, KVCache(model.cfg, 1, 64))
+    assert fused._local.buf is None
+
+
 def test_decoder_numpy_fallback(decoder, fused_decoder, monkeypatch):
     monkeypatch.setattr(fused, "ENGINE", "numpy")
     ref, tok = decoder

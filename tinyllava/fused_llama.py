@@ -222,7 +222,10 @@ class FusedLlama(Llama):
                                    cache.length < cache.k.shape[2] and fused.ENGINE == "numba" and
                                    valid is hidden_states is positions is mask is saved is None) else None
         if args is None:
-            return super().forward(x, cache, valid, hidden_states, positions, mask, saved)
+            y = super().forward(x, cache, valid, hidden_states, positions, mask, saved)
+            if cache is not None and x.shape[1] > fused.MATVEC_MAX_ROWS:  # a prompt into the cache: its tiles
+                fused.release_memory()                                    # and temporaries are done with
+            return y
         cfg, pos = self.cfg, cache.length
         cos, sin = rope_angles(np.array([pos]), cfg.head_dim, cfg.rope_theta)   # [1, hd/2] each
         x = x[0].copy()                                                         # [1, d], updated in place
