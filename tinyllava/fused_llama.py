@@ -214,7 +214,8 @@ def as_list(arrays, per):  # arrays of one type -> a numba typed list of them
 
 class FusedLlama(Llama):
     """A Llama whose one-token steps (batch 1, with a KV cache) run decode_step: all blocks in one compiled call.
-    Everything else (prefill, batches, training) is Llama's."""
+    Everything else (prefill, batches, training) is Llama's; after a prefill, the memory its tiles used is handed
+    back (fused.release_memory), as decoding needs none of it."""
 
     def forward(self, x, cache=None, valid=None, hidden_states=None, positions=None, mask=None, saved=None):
         args = self.compiled() if (cache is not None and x.shape == (1, 1, self.cfg.dim) and x.dtype == np.float32
@@ -223,8 +224,8 @@ class FusedLlama(Llama):
                                    valid is hidden_states is positions is mask is saved is None) else None
         if args is None:
             y = super().forward(x, cache, valid, hidden_states, positions, mask, saved)
-            if cache is not None and x.shape[1] > fused.MATVEC_MAX_ROWS:  # a prompt into the cache: its tiles
-                fused.release_memory()                                    # and temporaries are done with
+            if cache is not None and x.shape[1] > fused.MATVEC_MAX_ROWS:  # a prefill (a prompt into the cache)
+                fused.release_memory()
             return y
         cfg, pos = self.cfg, cache.length
         cos, sin = rope_angles(np.array([pos]), cfg.head_dim, cfg.rope_theta)   # [1, hd/2] each
