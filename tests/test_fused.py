@@ -157,7 +157,7 @@ def test_decoder_logits_and_greedy_tokens(decoder, fused_decoder):
 def test_a_prefill_hands_its_tile_buffer_back(fused_decoder):
     """Decoding needs no dequantized tiles: after a prompt goes into the KV cache the buffer is dropped (and
     malloc's free pages returned), so the decoding steps do not hold them at the peak of the process's memory.
-    A pass without a cache (scoring, training) keeps it for the next one."""
+    A pass without a cache (training) keeps it for the next one."""
     from tinyllava.llama import KVCache
     model, _ = fused_decoder
     x = model.embed([list(range(1, 40))])                             # [1, 39, d]: the sgemm tiles
