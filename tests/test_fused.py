@@ -262,6 +262,21 @@ def test_an_x86_without_f16c_widens_float16_exactly(tmp_path):
     assert run_compiled(OLD_X86, tmp_path, NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="+sse2").strip() == "ok"
 
 
+def test_compile_watch_times_compiling_once_nested_and_not_cached_code():
+    """generate says when numba compiles (the first run on a machine) and counts that time apart from the answer's."""
+    calls = []
+    watch = fused.CompileWatch(lambda: calls.append("first"))
+    inner = fused.numba.njit(lambda x: x + 1)      # new functions, not cached: they compile at their first call
+    outer = fused.numba.njit(lambda x: inner(x) * 2)  # compiling it compiles inner inside: one outermost compile
+    assert outer(1) == 4 and calls == ["first"] and watch.seconds > 0
+    once = watch.seconds
+    assert outer(2) == 6 and watch.seconds == once  # compiled already: nothing to time
+    assert inner(0.5) == 1.5 and watch.seconds > once and calls == ["first"]  # a new type compiles; said once
+    watch.close()
+    total = watch.seconds
+    assert fused.numba.njit(lambda x: x - 1)(1) == 0 and watch.seconds == total  # closed: no longer counting
+
+
 def test_set_threads_reaches_numba_and_openblas():
     """generate runs on the idle cores: fused.set_threads sets numba's threads and those of NumPy's OpenBLAS."""
     names = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")

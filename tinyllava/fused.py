@@ -35,6 +35,7 @@ and a branch of `dequantize_rows` here, and its kernel id in KERNELS.
 import ctypes
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -120,6 +121,47 @@ except ImportError:
 ENGINE = "numba" if numba and not os.environ.get("TINYLLAVA_NO_NUMBA") else "numpy"  # the tests flip it
 THREADS = numba.config.NUMBA_NUM_THREADS if numba else 1  # numba's threads now (set_threads), kept here: every
                                                           # product reads it, and asking numba is a call each time
+
+
+class CompileWatch:
+    """The seconds numba has spent compiling since this was made (`.seconds`), and a call at the first compile.
+    The first run on a machine compiles the loops; later runs load them from numba's cache, which is not
+    compiling. Compiles nest (a loop compiles the loops it calls): the outermost is timed. close() stops it."""
+
+    def __init__(self, on_first=None):
+        self.seconds, self.on_first, self._depth, self._start, self._listener = 0.0, on_first, 0, 0.0, None
+        if numba:
+            from numba.core import event
+            watch = self
+
+            class Listener(event.Listener):
+                def on_start(self, ev):
+                    watch.started()
+
+                def on_end(self, ev):
+                    watch.ended()
+
+            self._listener = Listener()
+            event.register("numba:compile", self._listener)
+
+    def close(self):
+        if self._listener:
+            from numba.core import event
+            event.unregister("numba:compile", self._listener)
+            self._listener = None
+
+    def started(self):
+        if self._depth == 0:
+            self._start = time.perf_counter()
+            if self.on_first:
+                self.on_first()
+                self.on_first = None
+        self._depth += 1
+
+    def ended(self):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._start
 
 
 def jit(**options):  # numba.njit(cache=True, nogil=True, boundscheck=False, **options), or nothing

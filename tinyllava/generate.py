@@ -108,6 +108,8 @@ def main(argv=None):
         if args.prompt is not None:
             check_text(args.prompt)
         t0 = time.perf_counter()
+        compiling = fused.CompileWatch(lambda: print("(first run: numba is compiling the fused loops for this CPU; "
+                                                     "they are cached for later runs)", file=sys.stderr, flush=True))
         fused.keep_freed_memory()
         use_fused = args.fused if args.fused is not None else fused.ENGINE == "numba"
         load_matrix = fused.QuantMatrix.from_tensor if use_fused else None
@@ -144,7 +146,7 @@ def main(argv=None):
             write("\n")
             return len(chat.ids)
 
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), compiling.seconds
         count = 0
         if captions:  # image by image: a tuned model asked for a caption, stage 1 in its plain template
             for path, x in zip(images, tokens):
@@ -163,9 +165,11 @@ def main(argv=None):
             while question is not None:
                 count += ask(chat, question)
                 question = input_turn() if args.chat else None
-        t2 = time.perf_counter()
-        print(f"[load {t1 - t0:.1f} s, {count} tokens in {t2 - t1:.1f} s, {count / (t2 - t1):.1f} tok/s]",
-              file=sys.stderr)
+        t2, c2 = time.perf_counter(), compiling.seconds
+        answer = t2 - t1 - (c2 - c1)                  # the first run's compiling is counted on its own
+        print(f"[load {t1 - t0 - c1:.1f} s, {count} tokens in {answer:.1f} s, {count / answer:.1f} tok/s"
+              + (f"; compiling {c2:.1f} s]" if c2 else "]"), file=sys.stderr)
+        compiling.close()
 
 
 if __name__ == "__main__":
