@@ -97,17 +97,15 @@ class TrainConfig:
 def batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids=(), micro_batch=1, params=None):
     """Summed loss over the images, the number of scored tokens, and the gradients of the projector's
     parameters (named "proj.w0", ...) and of the decoder's trained weights (in `params`; none in stage 1), summed
-    in float64.
+    in float64 (a gradient with one term, as with one micro-batch, is that term: its float64 value is exact), in
+    the order of `params` (the norm sums them in that order: the same in every run).
 
     feats: list of [196, 768]; segments: one list per image, of what model.pack takes (captions, or (ids,
     targets) conversations); prefix_ids: the text before the image (stage 2: the chat template's system and
     user turn)."""
-    need_dw = {k for k in params or () if not k.startswith("proj.")}   # the decoder's weights that train
-    total, n_tokens = 0.0, 0
-    # a float64 sum of a few float32 terms is exact (unless their sizes lie some 2^25 apart): it does not depend on
-    # the order the images are added in, so several processes (parallel.py) give one process's weights exactly
-    grads = {k: np.zeros(v.shape) for k, v in (params or {}).items()} or \
-        {f"proj.{k}": np.zeros(v.shape) for k, v in proj.params.items()}
+    names = params or {f"proj.{k}": v for k, v in proj.params.items()}  # the gradients come back in this order
+    need_dw = {k for k in names if not k.startswith("proj.")}           # the decoder's weights that train
+    total, n_tokens, grads = 0.0, 0, {}
     text = decoder.embed(np.asarray(prefix_ids, int))                              # [T0, d]
     for s in range(0, len(feats), micro_batch):
         f = feats[s:s + micro_batch]
@@ -117,17 +115,30 @@ def batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids=(), micro_ba
         loss, dx, dws = decoder.loss_and_grad(x, at, targets, positions, mask, need_dw)  # dx [B, L, d]
         for b, (fi, (ids, *_)) in enumerate(zip(f, samples)):
             for k, g in proj.backward(dx[b, len(text):len(text) + len(fi)], fi).items():
-                grads[f"proj.{k}"] += g
-            if "token_embd.weight" in grads:  # the embedding is also the input table: its rows get dx too
+                accumulate(grads, f"proj.{k}", g)
+            if "token_embd.weight" in need_dw:  # the embedding is also the input table: its rows get dx too
                 np.add.at(dws["token_embd.weight"], np.asarray(prefix_ids, int), dx[b, :len(text)])
                 text_at = np.nonzero(ids >= 0)[0]
                 np.add.at(dws["token_embd.weight"], ids[text_at], dx[b, text_at])
-        for k in grads:
-            if not k.startswith("proj."):
-                grads[k] += dws[k]
+        for k in names:
+            if k in need_dw:
+                accumulate(grads, k, dws[k])
         total += loss
         n_tokens += len(targets)
-    return total, n_tokens, grads
+    return total, n_tokens, {k: grads[k] if k in grads else np.zeros(v.shape) for k, v in names.items()}
+
+
+def accumulate(grads, k, g):
+    """grads[k] += g in float64. A float64 sum of a few float32 terms is exact (unless their sizes lie some 2^25
+    apart): it does not depend on the order the images are added in, so several processes (parallel.py) give one
+    process's weights exactly. The first term is kept as it came (not added into zeros: for a full fine-tune
+    that was 1 GB zeroed and added to, every step); a float64 one is copied, as the next terms go into it."""
+    if k not in grads:
+        grads[k] = g.copy() if g.dtype == np.float64 else g
+    elif grads[k].dtype == np.float64:
+        grads[k] += g
+    else:
+        grads[k] = grads[k].astype(np.float64) + g
 
 
 def train_step(decoder, proj, opt, params, feats, segments, lr, prefix_ids=(), clip=1.0, micro_batch=1,
@@ -140,7 +151,7 @@ def train_step(decoder, proj, opt, params, feats, segments, lr, prefix_ids=(), c
     loss, n_tokens, grads = batch_loss_and_grads(decoder, proj, feats, segments, prefix_ids, micro_batch, params)
     if world is not None:
         grads, loss, n_tokens = world.sum(grads, loss, n_tokens)
-    grads = {k: (g / n_tokens).astype(np.float32) for k, g in grads.items()}  # mean over scored tokens
+    grads = {k: np.divide(g, n_tokens, dtype=np.float64).astype(np.float32) for k, g in grads.items()}  # the mean
     grads, norm = clip_grad_norm(grads, clip)
     opt.step(params, grads, lr)
     return loss / n_tokens, norm, n_tokens
