@@ -35,7 +35,6 @@ and a branch of `dequantize_rows` here, and its kernel id in KERNELS.
 import ctypes
 import os
 import threading
-import time
 
 import numpy as np
 
@@ -71,12 +70,8 @@ def keep_freed_memory():
     heap and are reused, instead of each being a fresh mmap that page-faults on every touch and is unmapped when
     freed. Blocks up to 32 MB come from the heap; up to 64 MB of freed heap are kept (Linux/glibc; elsewhere
     nothing happens). A process-wide setting: the command-line tools call it, importing this module does not."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError, TypeError):  # not glibc; Windows: CDLL(None) is a TypeError
-        pass
+    glibc("mallopt", -3, 32 << 20)  # M_MMAP_THRESHOLD
+    glibc("mallopt", -1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
 def release_memory():
@@ -84,9 +79,13 @@ def release_memory():
     elsewhere only the buffer goes). After a prefill: the decoding steps use neither, and the peak RSS comes
     while they run, once the output product has read the last of the decoder's pages."""
     _local.buf = None
+    glibc("malloc_trim", 0)
+
+
+def glibc(name, *args):  # call the C library's function `name` (Linux, glibc); elsewhere nothing happens
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
+        getattr(ctypes.CDLL(None), name)(*args)
+    except (OSError, AttributeError, TypeError):  # not glibc; Windows: CDLL(None) is a TypeError
         pass
 
 
@@ -126,42 +125,32 @@ THREADS = numba.config.NUMBA_NUM_THREADS if numba else 1  # numba's threads now 
 class CompileWatch:
     """The seconds numba has spent compiling since this was made (`.seconds`), and a call at the first compile.
     The first run on a machine compiles the loops; later runs load them from numba's cache, which is not
-    compiling. Compiles nest (a loop compiles the loops it calls): the outermost is timed. close() stops it."""
+    compiling. numba's TimingListener times the outermost of nested compiles. close() stops it."""
 
     def __init__(self, on_first=None):
-        self.seconds, self.on_first, self._depth, self._start, self._listener = 0.0, on_first, 0, 0.0, None
+        self._timer = None
         if numba:
             from numba.core import event
-            watch = self
 
-            class Listener(event.Listener):
+            class Timer(event.TimingListener):
                 def on_start(self, ev):
-                    watch.started()
+                    nonlocal on_first
+                    if on_first:
+                        on_first()
+                        on_first = None
+                    super().on_start(ev)
 
-                def on_end(self, ev):
-                    watch.ended()
+            self._timer = Timer()
+            event.register("numba:compile", self._timer)
 
-            self._listener = Listener()
-            event.register("numba:compile", self._listener)
+    @property
+    def seconds(self):
+        return self._timer.duration if self._timer and self._timer.done else 0.0
 
     def close(self):
-        if self._listener:
+        if self._timer:
             from numba.core import event
-            event.unregister("numba:compile", self._listener)
-            self._listener = None
-
-    def started(self):
-        if self._depth == 0:
-            self._start = time.perf_counter()
-            if self.on_first:
-                self.on_first()
-                self.on_first = None
-        self._depth += 1
-
-    def ended(self):
-        self._depth -= 1
-        if self._depth == 0:
-            self.seconds += time.perf_counter() - self._start
+            event.unregister("numba:compile", self._timer)
 
 
 def jit(**options):  # numba.njit(cache=True, nogil=True, boundscheck=False, **options), or nothing
