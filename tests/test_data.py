@@ -3,14 +3,16 @@ feature cache."""
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tinyllava.data import (FeatureCache, clean_caption, listing_sha256, load_examples, make_synthetic,
-                            read_img2dataset, read_pairs)
+from tinyllava.data import (FeatureCache, clean_caption, load_examples, make_synthetic, read_img2dataset,
+                            read_pairs)
+from tinyllava.files import folder_sha256
 from tinyllava.errors import TinyLlavaError
 
 
@@ -126,7 +128,10 @@ def test_img2dataset_folder_one_caption_per_image_and_a_split_by_key_hash(tmp_pa
     assert {e.split for e in ex} == {"train", "dev"} and len(read_img2dataset(root, "train", dev_size=2)) == 3
     by_hash = sorted((e.image.stem for e in ex), key=lambda k: hashlib.sha256(k.encode()).digest())
     assert sorted(dev) == sorted(by_hash[:2])
-    assert len(listing_sha256(root)) == 64 and listing_sha256(root) == listing_sha256(root)
+    # the folder's digest is the number the shell's sha256sum pipeline gives (the README's check of a copy)
+    shell = subprocess.run("find . -type f \\( -name '*.jpg' -o -name '*.txt' \\) -printf '%P\\n' | LC_ALL=C sort | "
+                           "xargs -d '\\n' sha256sum | sha256sum", shell=True, cwd=root, capture_output=True, text=True)
+    assert folder_sha256(root, (".jpg", ".txt")) == shell.stdout.split()[0]
 
 
 def test_load_examples_finds_an_img2dataset_folder_and_joins_sources(tmp_path, folder):

