@@ -4,14 +4,19 @@ import hashlib
 import json
 import os
 import subprocess
+import tarfile
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tinyllava.data import (FeatureCache, clean_caption, load_examples, make_synthetic, read_img2dataset,
-                            read_pairs)
+from helpers import Flickr8kLike, snapshot_tarball
+from tinyllava.data import (FeatureCache, build_flickr8k, clean_caption, load_examples, make_synthetic,
+                            read_img2dataset, read_pairs)
+from tinyllava.data import main as data_main
 from tinyllava.files import folder_sha256
 from tinyllava.errors import TinyLlavaError
 
@@ -164,3 +169,140 @@ def test_a_folder_in_neither_format_is_named(tmp_path):
     (tmp_path / "x" / "notes.txt").write_text("hello")
     with pytest.raises(TinyLlavaError, match=r"x: neither a folder with pairs.jsonl nor an img2dataset folder"):
         load_examples(tmp_path / "x")
+
+
+# -- building Flickr8k from its pinned public sources (a small Flickr8k-shaped stand-in: tests/helpers.py) -------
+@pytest.fixture
+def flickr(tmp_path):
+    return Flickr8kLike(tmp_path / "sources")
+
+
+def built_as_expected(out, flickr):
+    assert (out / "pairs.jsonl").read_text() == flickr.pairs_jsonl()
+    split = {n for ns in flickr.splits.values() for n in ns}
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == {n: flickr.photos[n] for n in split}
+    about = json.loads((out / "build.json").read_text())
+    assert about["photos"] == {"train": 2, "dev": 2, "test": 2}
+    return about["sha256"]
+
+
+@pytest.mark.parametrize("copy", ["clone", "bare", "unpacked", "tarball"])
+def test_flickr8k_from_local_copies_of_the_three_repositories(flickr, tmp_path, copy, capsys):
+    local = {}
+    for kind, (repo, snap) in flickr.repos.items():
+        if copy == "clone":
+            local[kind] = repo
+        elif copy == "bare":
+            local[kind] = tmp_path / f"{kind}.git"
+            subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(local[kind])], check=True)
+        else:
+            tarball = tmp_path / f"{kind}.tar.gz"
+            tarball.write_bytes(snapshot_tarball(repo, snap))
+            local[kind] = tarball
+            if copy == "unpacked":
+                local[kind] = tmp_path / f"{kind}-unpacked"
+                with tarfile.open(tarball) as t:
+                    t.extractall(local[kind], filter="data")
+    out = tmp_path / "data" / "flickr8k"
+    build_flickr8k(out, flickr.sources, local["images"], local["captions"], local["splits"])
+    digest = built_as_expected(out, flickr)
+    # the digest a rerun checks is the shell's sha256sum listing of images/ and pairs.jsonl
+    shell = subprocess.run("find . -type f \\( -name '*.jpg' -o -name '*.jsonl' \\) -printf '%P\\n' | LC_ALL=C sort | "
+                           "xargs -d '\\n' sha256sum | sha256sum", shell=True, cwd=out, capture_output=True, text=True)
+    assert digest == shell.stdout.split()[0]
+    # a rerun reuses the complete folder, pinned or not, without reading the sources
+    before = (out / "pairs.jsonl").stat().st_mtime_ns
+    for pinned in (None, digest):
+        build_flickr8k(out, replace(flickr.sources, built_sha256=pinned), tmp_path / "nowhere", None, None)
+        assert "complete" in capsys.readouterr().err and (out / "pairs.jsonl").stat().st_mtime_ns == before
+    # a folder whose files changed is built again; one pinned to another digest is not reused either
+    (out / "images" / flickr.splits["dev"][0]).write_bytes(b"changed")
+    build_flickr8k(out, flickr.sources, local["images"], local["captions"], local["splits"])
+    assert "changed" in capsys.readouterr().err and built_as_expected(out, flickr) == digest
+
+
+def test_flickr8k_from_the_two_original_zips(flickr, tmp_path):
+    out = tmp_path / "flickr8k-full"
+    build_flickr8k(out, flickr.sources, zips=flickr.zips(tmp_path / "zips"))
+    built_as_expected(out, flickr)  # the same pairs.jsonl as the GitHub sources make: its pin is checked
+    broken = tmp_path / "zips2"
+    dataset, text = flickr.zips(broken)
+    with zipfile.ZipFile(text, "w") as z:
+        z.writestr("Flickr8k.token.txt", "x")
+    with pytest.raises(TinyLlavaError, match=r"Flickr8k_text.zip: no Flickr_8k.trainImages.txt"):
+        build_flickr8k(tmp_path / "f2", flickr.sources, zips=(dataset, text))
+
+
+def test_flickr8k_downloads_resume_and_a_tampered_file_is_refused(flickr, tmp_path, monkeypatch):
+    monkeypatch.setattr("tinyllava.sources.time.sleep", lambda s: None)  # the pause between retries
+    server = flickr.serve()
+    try:
+        sources = flickr.pinned(mirror=server.url)
+        tar = f"/{sources.images.snapshot.repo}/tar.gz/{sources.images.snapshot.commit}"
+        server.cut[tar] = 2                   # the snapshot's transfer is cut off twice, then resumes
+        out, downloads = tmp_path / "data" / "flickr8k", tmp_path / "dl"
+        build_flickr8k(out, sources, downloads=downloads)
+        built_as_expected(out, flickr)
+        resumed = [r for p, r in server.ranges if p == tar]
+        assert len(resumed) == 2 and all(r != "bytes=0-" for r in resumed)
+        # cut off more often than one run retries: kept for the next run, which resumes it
+        captions = f"/{sources.captions.snapshot.repo}/{sources.captions.snapshot.commit}/data/ignore_captions.txt"
+        server.cut[captions] = 9
+        with pytest.raises(TinyLlavaError, match="run the same command again to resume"):
+            build_flickr8k(tmp_path / "f2", sources, downloads=tmp_path / "dl2")
+        kept = next((tmp_path / "dl2").rglob("*.part")).stat().st_size
+        assert 0 < kept < len(server.files[captions])
+        server.cut[captions] = 0
+        build_flickr8k(tmp_path / "f2", sources, downloads=tmp_path / "dl2")
+        assert server.ranges[-1] == (captions, f"bytes={kept}-")  # the next run asked for the rest only
+        built_as_expected(tmp_path / "f2", flickr)
+        # a file whose sha256 is not the pinned one is refused, named, and deleted; nothing is built
+        server.files[captions] = server.files[captions].replace(b"dog 3", b"cat 3")
+        with pytest.raises(TinyLlavaError, match=r"ignore_captions.txt: sha256 .* is not the pinned .*deleted"):
+            build_flickr8k(tmp_path / "f3", sources, downloads=tmp_path / "dl3")
+        assert not list((tmp_path / "dl3").rglob("ignore_captions.txt*")) and not (tmp_path / "f3").exists()
+        # a snapshot whose photos differ: refused, the tarball deleted
+        server.files[captions] = flickr.files["captions"]["data/ignore_captions.txt"]
+        other = replace(sources, images=replace(sources.images, sha256="0" * 64))
+        with pytest.raises(TinyLlavaError, match=r"listing sha256 .* not the pinned 0000.*deleted, not used"):
+            build_flickr8k(tmp_path / "f4", other, downloads=tmp_path / "dl4")
+        assert not list((tmp_path / "dl4").glob("*.tar.gz")) and not (tmp_path / "f4").exists()
+    finally:
+        server.stop()
+
+
+def test_a_build_killed_midway_leaves_no_folder_that_claims_to_be_complete(flickr, tmp_path, monkeypatch):
+    out = tmp_path / "flickr8k"
+    local = [flickr.repos[k][0] for k in ("images", "captions", "splits")]
+    build_flickr8k(out, flickr.sources, *local)
+    complete = (out / "pairs.jsonl").read_bytes()
+    import tinyllava.data as data
+
+    def killed(*args, **kwargs):  # the run dies after the photos are written, before pairs.jsonl
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "finish", killed)
+    (out / "images" / flickr.splits["test"][0]).write_bytes(b"changed")  # so that the folder is built again
+    with pytest.raises(KeyboardInterrupt):
+        build_flickr8k(out, flickr.sources, *local)
+    # the earlier folder is as it was, and no other folder beside it holds a pairs.jsonl
+    assert (out / "pairs.jsonl").read_bytes() == complete
+    assert [p.parent for p in tmp_path.rglob("pairs.jsonl")] == [out]
+    monkeypatch.undo()
+    (out / "build.json").unlink()
+    with pytest.raises(TinyLlavaError, match="exists and was not built by this command"):
+        build_flickr8k(out, flickr.sources, *local)  # without build.json it is not ours to replace
+
+
+def test_a_local_copy_missing_a_file_or_the_commit_says_which(flickr, tmp_path):
+    images, captions, splits = (flickr.repos[k][0] for k in ("images", "captions", "splits"))
+    with pytest.raises(TinyLlavaError, match=r"no Flickr8k_text/Flickr_8k.trainImages.txt in this copy"):
+        build_flickr8k(tmp_path / "a", flickr.sources, images, captions, tmp_path)  # a folder without it
+    with pytest.raises(TinyLlavaError, match=r"does not hold commit .* of someone/splits-repo"):
+        build_flickr8k(tmp_path / "b", flickr.sources, images, captions, captions)  # another repository
+
+
+def test_the_command_line_says_one_line_and_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        data_main(["flickr8k", "--out", "/dev/null/flickr8k", "--images-repo", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("tinyllava.data: error: ") and len(err.splitlines()) == 1
