@@ -100,6 +100,11 @@ COLOURS = ("black", "white", "brown", "red", "blue", "green", "yellow", "orange"
            "tan")
 NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5}
 PLACES = ("in", "on", "at", "near", "by", "under", "beside")
+# verbs of purpose ("jumping to catch"), and -ing words that name no action to ask the purpose of ("trying to")
+PURPOSES = set("catch get take climb hit look push bite cross run block jump throw make put tackle play grab shoot "
+               "swim see blow score ride splash drink surf find avoid chase fetch steer reach keep stay watch eat "
+               "pass kick pull protect hold lift carry cool warm".split())
+NOT_ACTIONS = {"being", "having", "trying", "attempting", "going", "getting", "preparing", "waiting", "beginning", "starting", "about"}
 NOT_PLACES = {"mouth", "hand", "hands", "arms", "arm", "air", "background", "head", "face", "front", "back", "lap"}
 
 
@@ -310,20 +315,37 @@ def grammar_questions(image, captions, rng):
         out.append(Conversation(image, [(f"What {verb} {subject} doing?", sentence(f"{subject} {verb} {p['doing']}"))]))
         if p["place"]:
             out.append(Conversation(image, [(f"Where {verb} {subject}?", sentence(f"{subject} {verb} {p['place']}"))]))
+        for q in ps:  # why: where a caption gives the purpose ("jumping up to catch a red toy")
+            why = re.match(r"^([a-z]+ing)\b.*?\b([a-z]+) to ([a-z]+)\b", q["doing"])
+            if why and why.group(3) in PURPOSES and not {why.group(1), why.group(2)} & NOT_ACTIONS:
+                subject, verb = (f"the {noun}", "is") if q["count"] == 1 else (f"the {plural}", "are")
+                out.append(Conversation(image, [(f"Why {verb} {subject} {why.group(1)}?",
+                                                 sentence(f"{subject} {verb} {q['doing']}"))]))
+                break
     return out
 
 
-def detailed(captions, most=3):
-    """A longer description: the captions that, taken longest first, each add words the others did not say."""
+def detailed(captions, most=4):
+    """A longer description made of the captions themselves, so that it says nothing they do not: first those that
+    name the objects two captions agree on (metrics.objects_named), each adding the most of them, then those that
+    add at least two words the chosen ones did not say; at most `most` sentences."""
+    from .metrics import objects_named
+    counts = Counter(o for c in captions for o in objects_named(c))
+    todo = {o for o, k in counts.items() if k >= 2}
     chosen, seen = [], set()
-    for c in sorted(captions, key=lambda c: -len(words(c))):
-        new = set(words(c)) - seen - {"a", "an", "the", "is", "are", "in", "on", "of", "and", "with"}
-        if len(new) >= 2 or not chosen:
-            chosen.append(sentence(c))
-            seen |= set(words(c))
-        if len(chosen) == most:
+    stop = {"a", "an", "the", "is", "are", "in", "on", "of", "and", "with", "at", "to", "his", "her", "their"}
+    while len(chosen) < len(captions):
+        c = max((c for c in captions if c not in chosen), key=lambda c: (len(objects_named(c) & todo), len(words(c))))
+        if chosen and not objects_named(c) & todo:
             break
-    return " ".join(chosen)
+        chosen.append(c)
+        todo -= objects_named(c)
+        seen |= set(words(c))
+    for c in sorted(captions, key=lambda c: -len(words(c))):
+        if len(chosen) < most and c not in chosen and len(set(words(c)) - seen - stop) >= 2:
+            chosen.append(c)
+            seen |= set(words(c))
+    return " ".join(sentence(c) for c in chosen[:most])
 
 
 FREQUENCY = {}  # object -> how many training photos name it (set by build_from_pairs, for negative sampling)
@@ -360,6 +382,66 @@ def pope_questions(examples, seed=0, n=3):
     return out
 
 
+# -- reading text: signs ----------------------------------------------------------------------------------
+READ = ["What does the sign say?", "What is written on the sign?", "Read the text in the image.",
+        "What does the text in the image say?", "What is written here?", "Can you read the sign?",
+        "Read the sign for me.", "What do the letters on the sign spell?"]
+READ_ANSWERS = ['The sign says "{}".', 'It says "{}".', 'The text reads "{}".']
+READ_EVAL = READ[0]  # the seed's own words, asked of every dev and test sign
+
+
+def sign_conversations(folder, split, n, photos, fonts, words, rng, name, evaluation=False):
+    """n signs of `split`, drawn with `fonts` ({package: path}) and 1-3 `words` each, half on `photos` (image
+    paths) and half on plain backgrounds, saved as folder/NAME-00000.jpg. -> [Conversation]: asked to read it
+    (in READ's words, or READ_EVAL's for evaluation), and for training sometimes also the plate's colour."""
+    from PIL import Image
+
+    from .signs import draw_sign, styled
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fonts = sorted(fonts.items())
+    out = []
+    for i in range(n):
+        k = int(rng.choice(3, p=[0.55, 0.3, 0.15])) + 1
+        text = styled(list(rng.choice(words, k, replace=False)), rng)
+        package, font = fonts[rng.integers(len(fonts))]
+        background = None
+        if i % 2:
+            with Image.open(photos[rng.integers(len(photos))]) as im:
+                background = im.convert("RGB")
+        img, plate = draw_sign(text, font, rng, background)
+        path = folder / f"{name}-{i:05d}.jpg"
+        img.save(path, quality=95)
+        question = READ_EVAL if evaluation else READ[rng.integers(len(READ))]
+        answer = READ_ANSWERS[0 if evaluation else rng.integers(len(READ_ANSWERS))].format(text)
+        turns = [(question, answer)]
+        out.append(Conversation(path, turns, f"{name}-{i:05d}-{package}"))
+        if not evaluation and rng.random() < 0.3:
+            out.append(Conversation(path, [("What color is the sign?", f"The sign is {plate}.")],
+                                    f"{name}-{i:05d}-colour"))
+    return out
+
+
+def sign_sets(photos_by_split, out, fonts_folder, n_train=6000, n_eval=300, seed=0):
+    """The reading data: signs-train.json (train fonts, train words, train photos), and for dev and test (their
+    own fonts and photos) signs-SPLIT-known.json (words the training signs hold) and signs-SPLIT-unseen.json
+    (words of the split, never trained on). -> {file name: [Conversation]}"""
+    from .signs import font_files, vocabulary
+    vocab = vocabulary(fonts_folder)
+    rng = np.random.default_rng(seed)
+    images = Path(out) / "signs"
+    files = {"signs-train.json": sign_conversations(images / "train", "train", n_train, photos_by_split["train"],
+                                                    font_files("train", fonts_folder), vocab["train"], rng, "train")}
+    trained = sorted({w.lower() for c in files["signs-train.json"] if '"' in c.turns[0][1]
+                      for w in c.turns[0][1].split('"')[1].split()})
+    for split in ("dev", "test"):
+        fonts = font_files(split, fonts_folder)
+        for kind, words in (("known", trained), ("unseen", vocab[split])):
+            files[f"signs-{split}-{kind}.json"] = sign_conversations(
+                images / split, split, n_eval, photos_by_split[split], fonts, words, rng, f"{split}-{kind}", True)
+    return files
+
+
 # -- easy-VQA ----------------------------------------------------------------------------------------------
 def from_easy_vqa(folder):
     """easy-VQA's split folder (questions.json: [question, answer, image id], images/<id>.png) -> [Conversation],
@@ -374,16 +456,28 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="source", required=True)
     f = sub.add_parser("captions", help="instruction data from image-caption pairs (a pairs.jsonl folder)")
     f.add_argument("--data", required=True, help="folder with pairs.jsonl (e.g. ../shared/data/flickr8k)")
-    f.add_argument("--out", required=True, help="folder for NAME-train.json, NAME-dev.json, NAME-pope-dev.json")
+    f.add_argument("--out", required=True, help="folder for NAME-train.json, NAME-dev.json, NAME-pope-dev.json (and "
+                   "NAME-pope-test.json where the data has a test split)")
     f.add_argument("--name", default="flickr8k")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--photos", type=int, help="keep the conversations of only this many train photos, spread "
                    "evenly (each photo's conversations are those of the full set): to mix with easy-VQA at "
                    "another ratio")
+    r = sub.add_parser("signs", help="reading text: signs drawn in photos and on plain backgrounds (fonts and "
+                       "words fetched from PyPI, pinned)")
+    r.add_argument("--data", required=True, help="a pairs.jsonl folder with train, dev and test photos "
+                   "(data/flickr8k): each split's signs go on its own photos")
+    r.add_argument("--out", required=True, help="folder for signs-*.json and the signs/ images")
+    r.add_argument("--train", type=int, default=6000, help="training signs")
+    r.add_argument("--eval", type=int, default=300, help="signs of each dev and test file")
+    r.add_argument("--fonts", help="where the fonts and word lists are unpacked (default: data/fonts)")
+    r.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("easy-vqa", help="easy-VQA's train questions (fetched from PyPI, pinned)")
     e.add_argument("--out", required=True, help="folder for easy-vqa-train.json and easy-vqa-dev.json")
     e.add_argument("--dev-images", type=int, default=200,
                    help="train images held out for the dev loss (the test split is never written here)")
+    e.add_argument("--images", type=int, help="keep the questions of only this many train images, spread evenly: "
+                   "to mix with other data at another ratio")
     args = ap.parse_args(argv)
     with cli_errors("tinyllava.instruct"):
         out = Path(args.out)
@@ -401,14 +495,32 @@ def main(argv=None):
                     raise TinyLlavaError(f"--photos must be between 1 and {len(train)}, not {args.photos}")
                 keep = {train[i].image for i in np.linspace(0, len(train) - 1, args.photos).round().astype(int)}
                 convs = [c for c in convs if c.image in keep]
+            test = [e for e in examples if e.split == "test"]  # for reporting only: nothing trains on it
             files = {f"{args.name}-train.json": convs,
                      f"{args.name}-dev.json": build_from_pairs(dev, args.seed),
                      f"{args.name}-pope-dev.json": pope_questions(dev, args.seed)}
+            if test:
+                files[f"{args.name}-pope-test.json"] = pope_questions(test, args.seed)
+        elif args.source == "signs":
+            from .data import DATA_DIR, load_examples
+            examples = load_examples(args.data)
+            photos = {s: [e.image for e in examples if e.split == s] for s in ("train", "dev", "test")}
+            if missing := [s for s, p in photos.items() if not p]:
+                raise TinyLlavaError(f"{args.data}: no {' or '.join(missing)} photos (build it with "
+                                     f"`python -m tinyllava.data flickr8k`)")
+            files = sign_sets(photos, out, args.fonts or DATA_DIR / "fonts", args.train, args.eval, args.seed)
         else:
             from .data import easy_vqa_path
             convs = from_easy_vqa(easy_vqa_path() / "train")
             held = {f"{i}.png" for i in range(args.dev_images)}  # easy-VQA's train image ids run from 0
-            files = {"easy-vqa-train.json": [c for c in convs if c.image.name not in held],
+            train = [c for c in convs if c.image.name not in held]
+            if args.images is not None:
+                names = sorted({c.image.name for c in train}, key=lambda n: int(Path(n).stem))
+                if not 1 <= args.images <= len(names):
+                    raise TinyLlavaError(f"--images must be between 1 and {len(names)}, not {args.images}")
+                keep = {names[i] for i in np.linspace(0, len(names) - 1, args.images).round().astype(int)}
+                train = [c for c in train if c.image.name in keep]
+            files = {f"easy-vqa{'' if args.images is None else f'-{args.images}'}-train.json": train,
                      "easy-vqa-dev.json": [c for c in convs if c.image.name in held]}
         for name, convs in files.items():
             write_conversations(out / name, convs, out)

@@ -169,3 +169,56 @@ def score_captions(candidates, references):  # [images] str, [images][refs] str 
     b = bleu(cands, refs)
     return {**{f"bleu{k + 1}": b[k] for k in range(4)}, "cider": cider_d(cands, refs), "rouge_l": rouge_l(cands, refs),
             "n": len(cands)}
+
+
+# -- objects in a description: coverage and hallucination (CHAIR, Rohrbach et al. 2018) ---------------------
+# An object -> the words that name it in Flickr8k's captions (plurals included). CHAIR used COCO's 80 classes and
+# their synonyms; Flickr8k's photos are of people, animals, sport and places, so the list is of those.
+OBJECTS = {
+    "person": "person people man men woman women boy boys girl girls child children kid kids baby babies toddler "
+              "toddlers guy guys lady ladies player players skier skiers surfer surfers biker bikers cyclist "
+              "cyclists rider riders climber climbers swimmer swimmers runner runners hiker hikers crowd teenager "
+              "teenagers skateboarder skateboarders snowboarder snowboarders dancer dancers",
+    "dog": "dog dogs puppy puppies pup", "cat": "cat cats kitten kittens", "horse": "horse horses pony ponies",
+    "bird": "bird birds duck ducks seagull seagulls goose geese pigeon pigeons", "cow": "cow cows cattle bull bulls",
+    "sheep": "sheep lamb lambs", "ball": "ball balls", "frisbee": "frisbee frisbees", "stick": "stick sticks",
+    "toy": "toy toys", "bicycle": "bicycle bicycles bike bikes", "motorcycle": "motorcycle motorcycles motorbike",
+    "car": "car cars", "truck": "truck trucks", "bus": "bus buses", "train": "train trains",
+    "boat": "boat boats canoe canoes kayak kayaks raft", "skateboard": "skateboard skateboards",
+    "surfboard": "surfboard surfboards", "snowboard": "snowboard snowboards", "skis": "ski skis", "sled": "sled sleds",
+    "kite": "kite kites", "umbrella": "umbrella umbrellas", "tent": "tent tents", "bench": "bench benches",
+    "chair": "chair chairs", "table": "table tables", "couch": "couch sofa", "bed": "bed beds",
+    "fountain": "fountain fountains", "guitar": "guitar guitars", "drum": "drum drums",
+    "microphone": "microphone microphones", "camera": "camera cameras", "phone": "phone cellphone",
+    "book": "book books", "bag": "bag bags backpack backpacks purse", "hat": "hat hats cap caps",
+    "helmet": "helmet helmets", "glasses": "glasses sunglasses goggles", "shirt": "shirt shirts jersey jerseys",
+    "jacket": "jacket jackets coat coats", "dress": "dress dresses", "shorts": "shorts", "pants": "pants jeans",
+    "flag": "flag flags", "sign": "sign signs", "fence": "fence fences", "wall": "wall walls",
+    "building": "building buildings", "house": "house houses", "bridge": "bridge bridges",
+    "stairs": "stairs steps staircase", "tree": "tree trees", "flower": "flower flowers", "grass": "grass grassy",
+    "field": "field fields", "snow": "snow snowy", "water": "water", "beach": "beach", "sand": "sand sandy",
+    "ocean": "ocean sea", "lake": "lake", "river": "river stream creek", "pool": "pool", "rock": "rock rocks",
+    "mountain": "mountain mountains hill hills", "street": "street streets road sidewalk", "wave": "wave waves",
+    "rope": "rope ropes", "net": "net", "window": "window windows", "door": "door doors", "food": "food",
+}
+_OBJECT_OF = {w: o for o, ws in OBJECTS.items() for w in ws.split()}
+
+
+def objects_named(text):  # str -> the objects it names (set of OBJECTS keys)
+    return {_OBJECT_OF[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _OBJECT_OF}
+
+
+def description_scores(descriptions, captions):  # [images] str, [images][refs] str -> {coverage, chair_i, ...}
+    """coverage: of the objects at least 2 of an image's captions name, the share its description names (summed
+    over images); chair_i: of the objects the descriptions name, the share that no caption of their image names;
+    chair_s: the share of descriptions that name at least one such object. Counted per image and object."""
+    consensus = covered = named = hallucinated = with_any = 0
+    for d, refs in zip(descriptions, captions):
+        counts = Counter(o for r in refs for o in objects_named(r))
+        said, agreed = objects_named(d), {o for o, k in counts.items() if k >= 2}
+        consensus, covered = consensus + len(agreed), covered + len(agreed & said)
+        wrong = said - set(counts)
+        named, hallucinated, with_any = named + len(said), hallucinated + len(wrong), with_any + bool(wrong)
+    n = len(descriptions)
+    return {"coverage": covered / consensus if consensus else 0.0, "chair_i": hallucinated / named if named else 0.0,
+            "chair_s": with_any / n if n else 0.0, "objects_named": named / n if n else 0.0, "n": n}
