@@ -134,3 +134,70 @@ def test_photos_keeps_some_photos_with_their_own_conversations(synthetic_data, t
     assert len({c["image"] for c in some}) == 3 and some == [c for c in full if c["image"] in {s["image"] for s in some}]
     with pytest.raises(SystemExit):
         instruct.main(["captions", "--data", str(data), "--out", str(tmp_path / "none"), "--photos", "0"])
+
+
+def test_detailed_names_every_object_two_captions_agree_on_and_nothing_else():
+    from tinyllava.metrics import description_scores, objects_named
+    caps = ["A man in a red hat rides a horse .", "A rider on a horse in a field .", "A man and his dog .",
+            "A dog runs next to a horse .", "Someone outdoors ."]
+    text = instruct.detailed(caps)
+    assert objects_named(text) >= {"person", "horse", "dog"}     # each named by two or more captions
+    assert description_scores([text], [caps])["coverage"] == 1.0 and description_scores([text], [caps])["chair_i"] == 0
+    assert set(text.split(". ")) <= {instruct.sentence(c).rstrip(".") for c in caps} | {instruct.sentence(c) for c in caps}
+
+
+def test_why_is_asked_only_where_a_caption_gives_a_purpose():
+    rng = np.random.default_rng(0)
+    caps = ["A brown dog is jumping up to catch a red ball .", "A dog jumps .", "The dog catches a ball .",
+            "A dog in the air .", "A brown dog plays ."]
+    qa = dict(t for c in instruct.grammar_questions("d.jpg", caps, rng) for t in c.turns)
+    assert qa["Why is the dog jumping?"] == "The dog is jumping up to catch a red ball."
+    not_a_purpose = ["A boy is sliding down a slide about to hit the water .", "A man is being held up to see .",
+                     "A girl is walking to the store .", "A girl is trying to climb ."]
+    assert not [q for c in not_a_purpose for cv in instruct.grammar_questions("x.jpg", [c, c], rng)
+                for q, _ in cv.turns if q.startswith("Why")]
+
+
+def test_signs_hold_their_words_and_keep_fonts_words_and_photos_apart(tmp_path, monkeypatch):
+    """Each split's signs use only its own fonts and photos, and dev/test 'unseen' words are never trained on."""
+    from PIL import Image
+
+    from tinyllava import signs
+    font = signs.font_file(signs.FONTS[0], tmp_path / "fonts")   # one pinned font fetched, for all splits here
+    photos = {s: [tmp_path / f"{s}.png"] for s in ("train", "dev", "test")}
+    for s, (p,) in photos.items():
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(p)
+    monkeypatch.setattr(signs, "font_files", lambda split, folder: {f"{split}-font": font})
+    monkeypatch.setattr(signs, "vocabulary", lambda folder: {"train": ["apple", "river"], "dev": ["cloud"],
+                                                             "test": ["stone"]})
+    files = instruct.sign_sets(photos, tmp_path / "out", tmp_path / "fonts", n_train=12, n_eval=4, seed=1)
+    train = files["signs-train.json"]
+    read = [c for c in train if c.turns[0][0] in instruct.READ]
+    assert len(read) == 12 and {c.id.split("-", 2)[2] for c in read} == {"train-font"}
+    assert all(Image.open(c.image).size == (224, 224) for c in read)
+    said = {w.lower() for c in read for w in c.turns[0][1].split('"')[1].split()}
+    assert said <= {"apple", "river"}
+    for split, word in (("dev", "cloud"), ("test", "stone")):
+        unseen = files[f"signs-{split}-unseen.json"]
+        assert all(c.turns[0] == (instruct.READ_EVAL, c.turns[0][1]) for c in unseen)
+        assert {c.turns[0][1].split('"')[1].lower() for c in unseen} == {word}
+        known = files[f"signs-{split}-known.json"]
+        assert {w.lower() for c in known for w in c.turns[0][1].split('"')[1].split()} <= said
+        assert all(f"/{split}/" in str(c.image) for c in unseen + known)
+
+
+def test_a_drawn_sign_is_legible_and_inside_the_picture(tmp_path):
+    """The plate and its ink differ in brightness, and the plate lies wholly in the 224 x 224 picture."""
+    from tinyllava import signs
+    font = signs.font_file(next(f for f in signs.FONTS if f.split == "test"), tmp_path)
+    rng = np.random.default_rng(3)
+    img, plate = signs.draw_sign("Open Market", font, rng)
+    a = np.asarray(img).astype(int)
+    assert img.size == (224, 224) and plate in signs.PLATES
+    on_plate = np.abs(a - signs.PLATES[plate]).sum(-1) < 30
+    assert on_plate.sum() > 800                                         # the plate is there, in its colour
+    ys, xs = np.nonzero(on_plate)
+    box = a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]               # the plate's extent: it holds the ink
+    ink = np.abs(box @ [0.2126, 0.7152, 0.0722] - signs.luminance(signs.PLATES[plate])) > 60
+    assert ink.sum() > 150
+

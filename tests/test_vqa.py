@@ -68,7 +68,13 @@ def test_score_vqa():
     assert r["by_type"] == {"yes/no": {"accuracy": 0.5, "n": 2}, "other": {"accuracy": 0.5, "n": 2}}
     # POPE reads "Yes." as yes and "No, it is not." as no: both right, one of each predicted
     assert r["yes_no"] == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5, "n": 2}
-    assert "by_kind" not in r
+    assert "by_kind" not in r and "reading" not in r
+
+
+def test_reading_is_scored_on_the_quoted_words_whatever_their_case():
+    qs = [Question("s.png", "What does the sign say?", 'The sign says "Open Late".') for _ in range(4)]
+    r = score_vqa(['The sign says "OPEN late".', 'It says "open  late"', "Open late.", 'The sign says "Open".'], qs)
+    assert r["reading"] == {"accuracy": 0.75, "n": 4}   # the last reads one word of two
 
 
 def write_png(path):

@@ -16,10 +16,13 @@ Loss and retrieval (the default), from log p(caption | image) of the first capti
 
 --captions: a greedy caption of each image (the plain template, as stage 1 trained it; with --prompt TEXT the
 chat answer to TEXT instead), scored against all the image's human captions by BLEU-1..4, CIDEr-D and ROUGE-L
-(metrics.py, the COCO caption evaluation's numbers). --beams K: beam search instead of greedy.
+(metrics.py, the COCO caption evaluation's numbers), and by the objects it names (coverage of the objects two
+captions agree on, CHAIR hallucination: metrics.description_scores). --beams K: beam search instead of greedy.
+Detailed descriptions: --captions --prompt "Describe this image in detail." -n 120.
 
 --vqa FILE: the chat answer to each question about its image, scored by exact match after VQA's answer
-normalization; yes/no questions also by POPE's accuracy, precision, recall, F1 and yes-ratio. FILE is
+normalization; yes/no questions also by POPE's accuracy, precision, recall, F1 and yes-ratio; questions about
+the text of a sign by the words read (`instruct signs`). FILE is
   - LLaVA's conversation format, a JSON list or JSON lines of
       {"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQUESTION"}, {"from": "gpt", ...}]}
     (the first exchange is used; image paths start from --images, default the file's folder), or
@@ -144,8 +147,10 @@ def evaluate_captions(llava, features, references, prompt=None, n_predict=40, ba
     features: indexable, features[i] [196, 768] of image i; references: a list of captions per image. The caption
     is the plain template's continuation of the image tokens (its first line), or with `prompt` the chat answer
     to it. Greedy (greedy_decode, `batch` images at a time), or beam search with `beams` > 1.
-    -> {bleu1..bleu4, cider, rouge_l, n, seconds, tokens, captions, samples}"""
-    from .metrics import score_captions
+    Also what its objects are (metrics.description_scores): the share of the objects two human captions agree on
+    that it names (coverage), and of those it names, the share no human caption names (CHAIR_i).
+    -> {bleu1..bleu4, cider, rouge_l, coverage, chair_i, chair_s, n, seconds, tokens, captions, samples}"""
+    from .metrics import description_scores, score_captions
     dec, tok = llava.decoder, llava.tok
     t0 = time.perf_counter()
     N = len(references)
@@ -163,7 +168,7 @@ def evaluate_captions(llava, features, references, prompt=None, n_predict=40, ba
                 done.update()
     # a caption is its first line: the plain template may run on past it ("... grass.\n\nThe dog ...")
     captions = [tok.decode([t for t in s if t != tok.eos_id]).strip().split("\n")[0] for s in ids]
-    result = score_captions(captions, references)
+    result = score_captions(captions, references) | description_scores(captions, references)
     result.update(seconds=time.perf_counter() - t0, tokens=sum(map(len, ids)), captions=captions,
                   samples=[{"image": str(images[i]) if images is not None else i, "generated": captions[i],
                             "references": references[i]} for i in range(min(n_samples, N))])
@@ -177,6 +182,14 @@ class Question:
     question: str
     answer: str
     kind: str = None  # easy-VQA's kind of answer: shape, colour or yes/no
+
+
+QUOTED = re.compile(r'"([^"]+)"')
+
+
+def read_out(text):  # a reply -> the text it says a sign holds: its first quotation, else the whole reply
+    m = QUOTED.search(text)
+    return " ".join((m.group(1) if m else text).lower().split()).strip(" .")
 
 
 EASY_VQA_KINDS = {"yes": "yes/no", "no": "yes/no", "circle": "shape", "rectangle": "shape", "triangle": "shape",
@@ -248,7 +261,9 @@ def score_vqa(predictions, questions):  # [str], [Question] -> {accuracy, accura
     """accuracy: normalize_answer(prediction) == normalize_answer(answer); accuracy_contains: the normalized answer
     appears in the normalized prediction as whole words (kinder to a model that answers in sentences). by_type:
     the accuracy of yes/no questions (the answer is yes or no) and of the others; by_kind (easy-VQA): per kind
-    of answer. yes_no: POPE's metrics on the yes/no questions, the prediction read by pope_label."""
+    of answer. yes_no: POPE's metrics on the yes/no questions, the prediction read by pope_label. reading: for
+    questions whose answer quotes a sign ('The sign says "OPEN".'), the share whose reply quotes the same words
+    (read_out: case and spacing aside)."""
     pred = [normalize_answer(p) for p in predictions]
     ref = [normalize_answer(q.answer) for q in questions]
     exact = np.array([p == r for p, r in zip(pred, ref)])                        # [n]
@@ -261,6 +276,10 @@ def score_vqa(predictions, questions):  # [str], [Question] -> {accuracy, accura
               "n": len(questions), "by_type": {"yes/no": accuracy(yes_no), "other": accuracy(~yes_no)},
               "yes_no": pope_metrics([pope_label(p) for p, m in zip(predictions, yes_no) if m],
                                      [r for r, m in zip(ref, yes_no) if m])}
+    reading = np.array([QUOTED.search(q.answer) is not None for q in questions])  # "The sign says "X"."
+    if reading.any():  # the words read, as written but for case and spacing
+        right = [read_out(p) == read_out(q.answer) for p, q, m in zip(predictions, questions, reading) if m]
+        result["reading"] = {"accuracy": float(np.mean(right)), "n": int(reading.sum())}
     kinds = np.array([q.kind for q in questions])
     if any(k is not None for k in kinds):
         result["by_kind"] = {k: accuracy(kinds == k) for k in ("shape", "colour", "yes/no") if (kinds == k).any()}
@@ -307,6 +326,8 @@ def print_captions(r, how):
     print(f"{r['n']} images, {how}: {r['seconds']:.1f} s, {r['tokens']} tokens\n")
     print("| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr | ROUGE-L |\n| --- | --- | --- | --- | --- | --- |")
     print("| " + " | ".join(f"{r[k]:.3f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l")) + " |")
+    print(f"\nobjects (metrics.OBJECTS): coverage {r['coverage']:.3f} of those two captions agree on, CHAIR_i "
+          f"{r['chair_i']:.3f}, CHAIR_s {r['chair_s']:.3f}, {r['objects_named']:.2f} named a caption")
     for s in r["samples"]:
         print(f"\n{s['image']}\n  generated: {s['generated']}\n  reference: {s['references'][0]}")
 
@@ -315,7 +336,8 @@ def print_vqa(r):
     print(f"{r['n']} questions: {r['seconds']:.1f} s\n")
     print("| questions | n | accuracy (exact) |\n| --- | --- | --- |")
     print(f"| all | {r['n']} | {r['accuracy']:.3f} (answer within the reply: {r['accuracy_contains']:.3f}) |")
-    for name, a in list(r["by_type"].items()) + [(f"easy-VQA {k}", a) for k, a in r.get("by_kind", {}).items()]:
+    for name, a in list(r["by_type"].items()) + [(f"easy-VQA {k}", a) for k, a in r.get("by_kind", {}).items()] + \
+            ([("reading: the quoted words, any case", r["reading"])] if "reading" in r else []):
         print(f"| {name} | {a['n']} | {a['accuracy']:.3f} |")
     y = r["yes_no"]
     print(f"\nyes/no questions read as POPE does ({y['n']}): accuracy {y['accuracy']:.3f}, precision "

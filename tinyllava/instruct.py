@@ -402,7 +402,7 @@ def sign_conversations(folder, split, n, photos, fonts, words, rng, name, evalua
     fonts = sorted(fonts.items())
     out = []
     for i in range(n):
-        k = int(rng.choice(3, p=[0.55, 0.3, 0.15])) + 1
+        k = min(int(rng.choice(3, p=[0.55, 0.3, 0.15])) + 1, len(words))
         text = styled(list(rng.choice(words, k, replace=False)), rng)
         package, font = fonts[rng.integers(len(fonts))]
         background = None

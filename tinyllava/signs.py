@@ -103,10 +103,13 @@ def unpack(wheel, members, folder):
     return paths
 
 
-def font_files(split, folder):
-    """The fonts of a split, fetched from PyPI (pinned) into folder/ on first use. -> {package: path}"""
-    return {f.package: unpack(Wheel(f.package, f.version, f.sha256, (), "OFL"), [f.member], folder)[0]
-            for f in FONTS if f.split == split}
+def font_file(font, folder):
+    """A font's file, fetched from PyPI (pinned) into folder/ on first use. -> path"""
+    return unpack(Wheel(font.package, font.version, font.sha256, (), "OFL"), [font.member], folder)[0]
+
+
+def font_files(split, folder):  # -> {package: path} of the split's fonts
+    return {f.package: font_file(f, folder) for f in FONTS if f.split == split}
 
 
 # -- the words -------------------------------------------------------------------------------------------
