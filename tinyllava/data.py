@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import runtime
 from .errors import TinyLlavaError, cli_errors
-from .files import atomic_folder, folder_sha256, listing_sha256, write_atomic
+from .files import atomic, atomic_folder, folder_sha256, listing_sha256, write_atomic
 from .progress import bar
 from .sources import Snapshot, download, read_file, read_tree, say
 from .weights import Wheel, fetch_wheel
@@ -481,9 +482,7 @@ def make_synthetic(out, n=200, seed=0, dev_fraction=0.2):
         img.save(out / name)
         lines.append(json.dumps({"image": name, "captions": [caption],
                                  "split": "dev" if i >= n * (1 - dev_fraction) else "train"}))
-    tmp = out / "pairs.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "pairs.jsonl")
+    write_atomic(out / "pairs.jsonl", "\n".join(lines) + "\n")
     return out
 
 
@@ -525,10 +524,8 @@ class FeatureCache:
 
     def put(self, i, features):  # [n_patches, d] -> the image's file, atomically
         self.files[i].parent.mkdir(exist_ok=True)
-        tmp = self.files[i].with_name(f".{self.files[i].name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic(self.files[i]) as f:
             np.save(f, np.asarray(features, np.float16))
-        os.replace(tmp, self.files[i])
         self.done[i] = True
 
     def fill(self, tower, chunk=16, on_error="stop", share=(0, 1)):
@@ -551,6 +548,7 @@ class FeatureCache:
                         print(f"warning: {e}; skipped", file=sys.stderr)
                         failed.append(int(i))
                 if idx:
+                    runtime.adapt()
                     for i, f in zip(idx, tower.features(np.stack(pixels))):
                         self.put(i, f)
                 progress.update(len(todo[s:s + chunk]))
@@ -615,11 +613,11 @@ def main(argv=None):
             elif args.cmd == "synth":
                 print(make_synthetic(args.out, args.n, args.seed))
             else:
-                from .vit import VisionTower
+                from .model import load_tower
                 from .weights import vision_path
                 examples = load_examples(args.data, args.images, on_error=args.on_error)
                 cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
-                cache.fill(VisionTower.load(vision_path()), on_error=args.on_error)
+                cache.fill(load_tower(), on_error=args.on_error)
                 print(cache.folder)
         except OSError as e:  # a full disk, a folder we may not write: one line, not a traceback
             raise TinyLlavaError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None

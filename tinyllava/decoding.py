@@ -12,10 +12,11 @@ sequence, and a row whose sequence ends takes the next prompt (continuous batchi
 keeps several continuations of one prompt as rows (beam_search).
 """
 import codecs
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import runtime
 from .errors import TinyLlavaError
 from .llama import KVCache
 from .ops import log_softmax
@@ -26,11 +27,11 @@ RESERVE = 64         # KV cache positions reserved after a prompt; it doubles wh
 
 @dataclass
 class Sampling:
-    n_predict: int = 256  # most tokens to generate
-    temp: float = 0.0     # 0: greedy
-    top_k: int = 0        # 0: all tokens
-    top_p: float = 1.0    # 1: no nucleus cut
-    seed: int = None
+    n_predict: int = field(default=256, metadata={"flags": ("-n",), "help": "most tokens to generate per answer"})
+    temp: float = field(default=0.0, metadata={"help": "sampling temperature; 0: greedy"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0: all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0: off"})
+    seed: int = field(default=None, metadata={"flags": ("-s",), "help": "random seed for sampling"})
 
     def check(self):
         if self.n_predict < 1:
@@ -192,6 +193,7 @@ def greedy_decode(decoder, prompts, n_predict, end_id, batch=16):
         if len(live) <= len(who) // 2:  # no prompts left and half the rows ended: drop those
             rows.pack(live)
             who, logits, tokens, out = who[live], logits[live], tokens[live], [out[b] for b in live]
+        runtime.adapt()  # a long evaluation follows the machine's load (runtime.py)
         logits = rows.step(decoder, tokens)
 
 

@@ -1,7 +1,7 @@
 """Does the projector make SmolLM2 see? Measured on held-out images, three ways.
 
-    python -m tinyllava.evaluate --data ../shared/data/flickr8k --split dev --limit 100 [--json]
-    python -m tinyllava.evaluate --data ../shared/data/flickr8k --split dev --limit 100 --captions [--json]
+    python -m tinyllava.evaluate --data data/flickr8k --split dev --limit 100 [--json]
+    python -m tinyllava.evaluate --data data/flickr8k --split dev --limit 100 --captions [--json]
     python -m tinyllava.evaluate --vqa questions.json [--images DIR] [--limit N] [--json]
 
 Loss and retrieval (the default), from log p(caption | image) of the first captions of K images:
@@ -47,9 +47,10 @@ import numpy as np
 from .decoding import beam_search, greedy_decode, prefill
 from .errors import TinyLlavaError, cli_errors
 from .llama import KVCache
-from .model import IMAGE, caption_ids, chat_prompt
+from .model import IMAGE, chat_prompt
 from .ops import log_softmax
 from .progress import bar
+from .sequences import caption_ids
 
 
 # -- loss and retrieval ------------------------------------------------------------------------------------
@@ -375,10 +376,9 @@ def main(argv=None):
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop")
     args = ap.parse_args(argv)
     with cli_errors("tinyllava.evaluate"):
-        from . import fused
+        from . import fused, runtime
         from .data import Example, FeatureCache, load_examples
-        from .model import load_llava
-        from .vit import VisionTower
+        from .model import load_llava, load_tower
         from .weights import vision_path
         if args.captions and args.vqa:
             raise TinyLlavaError("--captions and --vqa are two different evaluations: give one")
@@ -402,13 +402,13 @@ def main(argv=None):
                 raise TinyLlavaError(f"{args.data}: fewer than 2 images to score after --skip {args.skip}")
             if not examples:
                 raise TinyLlavaError(f"{args.data}: no images left after --skip {args.skip}")
-        fused.keep_freed_memory()
+        runtime.keep_freed_memory()
         decoding = args.captions or args.vqa  # decode with the quantized weights; score K x K with float32's
-        load_matrix = fused.QuantMatrix.from_tensor if decoding and fused.ENGINE == "numba" else None
-        llava = load_llava(projector=args.projector, decoder=args.model, tower=False, load_matrix=load_matrix,
+        llava = load_llava(projector=args.projector, decoder=args.model, tower=False,
+                           quantized=bool(decoding) and fused.ENGINE == "numba",
                            adapter=args.adapter)
         cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
-        cache.fill(VisionTower.load(vision_path()))
+        cache.fill(load_tower())
         if args.vqa:
             r = evaluate_vqa(llava, cache, questions, args.n_predict, args.batch, args.generate, not args.json)
             r.pop("predictions")

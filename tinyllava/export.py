@@ -119,8 +119,7 @@ def main(argv=None):
                     help="how to meet llama.cpp's class-token order (see above)")
     args = ap.parse_args(argv)
     with cli_errors("tinyllava.export"):
-        from .model import default_projector_path
-        from .weights import decoder_path, vision_path
+        from .weights import decoder_path, default_projector_path, vision_path
         if not args.mmproj and not args.decoder:
             raise TinyLlavaError("nothing to write: give --mmproj and/or --decoder")
         outs = []

@@ -30,15 +30,16 @@ and a branch of `dequantize_rows` here, and its kernel id in KERNELS.
 
     from tinyllava import fused
     model = Llama.load(path, load_matrix=fused.QuantMatrix.from_tensor)   # llama.py's blocks on these products
-    model, tok = fused.load_decoder()     # a FusedLlama: each decoded token one compiled call (fused_llama.py)
+    model, tok = load_decoder(quantized=True)   # model.py: a FusedLlama, each token one compiled call
+
+The threads the loops run on are runtime.THREADS (runtime.py decides them for numba and OpenBLAS together).
 """
-import ctypes
 import os
 import threading
 
 import numpy as np
 
-from . import quant
+from . import quant, runtime
 from .errors import TinyLlavaError
 from .quant import GGMLType
 
@@ -65,51 +66,12 @@ PARALLEL_MIN = 1 << 18  # weights: a smaller matrix is one thread's work (starti
 # decoding runs ~150 short loops per token, and waking sleeping threads for each is slow.
 
 
-def keep_freed_memory():
-    """Raise glibc's mmap threshold so that NumPy's temporaries (1-3 MB each in a forward pass) come from the
-    heap and are reused, instead of each being a fresh mmap that page-faults on every touch and is unmapped when
-    freed. Blocks up to 32 MB come from the heap; up to 64 MB of freed heap are kept (Linux/glibc; elsewhere
-    nothing happens). A process-wide setting: the command-line tools call it, importing this module does not."""
-    glibc("mallopt", -3, 32 << 20)  # M_MMAP_THRESHOLD
-    glibc("mallopt", -1, 64 << 20)  # M_TRIM_THRESHOLD
-
-
 def release_memory():
-    """Drop this thread's tile buffer and give the heap's free pages back to the system (glibc's malloc_trim;
-    elsewhere only the buffer goes). After a prefill: the decoding steps use neither, and the peak RSS comes
-    while they run, once the output product has read the last of the decoder's pages."""
+    """Drop this thread's tile buffer and give the heap's free pages back to the system. After a prefill: the
+    decoding steps use neither, and the peak RSS comes while they run, once the output product has read the last
+    of the decoder's pages."""
     _local.buf = None
-    glibc("malloc_trim", 0)
-
-
-def glibc(name, *args):  # call the C library's function `name` (Linux, glibc); elsewhere nothing happens
-    try:
-        getattr(ctypes.CDLL(None), name)(*args)
-    except (OSError, AttributeError, TypeError):  # not glibc; Windows: CDLL(None) is a TypeError
-        pass
-
-
-def blas_libraries():  # -> the OpenBLAS libraries loaded in this process (NumPy's wheels bundle one; Linux)
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
-    except OSError:
-        return []
-    return [ctypes.CDLL(p) for p in sorted(paths)]
-
-
-def set_threads(n):
-    """Run the products on n threads: numba's loops, and the OpenBLAS behind NumPy's sgemm. Process-wide, like
-    keep_freed_memory."""
-    global THREADS
-    if numba:
-        THREADS = min(n, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(THREADS)
-    for lib in blas_libraries():
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                getattr(lib, name)(ctypes.c_int(n))
-                break
+    runtime.trim_memory()
 
 
 try:  # numba compiles the loops below; without it they stay Python and only the NumPy path is used
@@ -118,39 +80,6 @@ except ImportError:
     numba = None
 
 ENGINE = "numba" if numba and not os.environ.get("TINYLLAVA_NO_NUMBA") else "numpy"  # the tests flip it
-THREADS = numba.config.NUMBA_NUM_THREADS if numba else 1  # numba's threads now (set_threads), kept here: every
-                                                          # product reads it, and asking numba is a call each time
-
-
-class CompileWatch:
-    """The seconds numba has spent compiling since this was made (`.seconds`), and a call at the first compile.
-    The first run on a machine compiles the loops; later runs load them from numba's cache, which is not
-    compiling. numba's TimingListener times the outermost of nested compiles. close() stops it."""
-
-    def __init__(self, on_first=None):
-        self._timer = None
-        if numba:
-            from numba.core import event
-
-            class Timer(event.TimingListener):
-                def on_start(self, ev):
-                    nonlocal on_first
-                    if on_first:
-                        on_first()
-                        on_first = None
-                    super().on_start(ev)
-
-            self._timer = Timer()
-            event.register("numba:compile", self._timer)
-
-    @property
-    def seconds(self):
-        return self._timer.duration if self._timer and self._timer.done else 0.0
-
-    def close(self):
-        if self._timer:
-            from numba.core import event
-            event.unregister("numba:compile", self._timer)
 
 
 def jit(**options):  # numba.njit(cache=True, nogil=True, boundscheck=False, **options), or nothing
@@ -450,7 +379,7 @@ class QuantMatrix:
             x2 = np.array(x2, dtype, order="C")
         if ENGINE == "numba" and dtype == np.float32 and x2.shape[0] <= MATVEC_MAX_ROWS and self.shape[0] >= 4:
             y = np.empty((x2.shape[0], self.shape[0]), dtype)                           # [M, n_out]
-            parallel = THREADS > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
+            parallel = runtime.THREADS > 1 and self.shape[0] * self.shape[1] >= PARALLEL_MIN
             (matvec if parallel else matvec_1thread)(self.w, x2, y, KERNELS[self.type], QK // 2)
         else:  # many rows: a tile of W at a time in float32, times all of x by BLAS (sgemm)
             y = None
@@ -478,17 +407,3 @@ def scratch(n):  # a float32 buffer of n numbers, this thread's, reused by every
     if getattr(_local, "buf", None) is None or _local.buf.size < n:
         _local.buf = np.empty(n, np.float32)
     return _local.buf[:n]
-
-
-# -- loading ---------------------------------------------------------------------------------------------
-def load_decoder(path=None):
-    """SmolLM2 with its matrices kept quantized. -> (Llama, Tokenizer)"""
-    from .model import load_decoder as load
-    return load(path, load_matrix=QuantMatrix.from_tensor)
-
-
-def load_vision_tower(path=None):
-    """The CLIP vision tower with its matrices kept quantized (Q8_0)."""
-    from .vit import VisionTower
-    from .weights import vision_path
-    return VisionTower.load(path or vision_path(), load_matrix=QuantMatrix.from_tensor)

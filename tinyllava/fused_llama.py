@@ -19,14 +19,12 @@ The README's "Speed and memory" has what this step saves.
 """
 import numpy as np
 
-from . import fused
+from . import fused, runtime
 from .fused import QK, block_sums, jit, matvec_group, numba, prange, readonly
-from .llama import Llama, rope_angles
+from .llama import MATRICES, Llama, rope_angles
 from .lora import LoRA
 
 List = numba.typed.List if numba else list
-
-MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 @jit(inline="always", fastmath=True)
@@ -205,7 +203,7 @@ def extend(out, arrays):  # a numba typed list += a tuple of arrays
 
 def as_list(arrays, per):  # arrays of one type -> a numba typed list of them
     """Built in compiled code, `per` at a time (a block's): numba caches that code, while a typed list made from
-    Python compiles its own methods for each item type in every process (~1 s before the first token)."""
+    Python compiles its own methods for each item type in every process, before the first token."""
     out = new_list(tuple(arrays[:per]))
     for i in range(per, len(arrays), per):
         extend(out, tuple(arrays[i:i + per]))
@@ -230,8 +228,8 @@ class FusedLlama(Llama):
         cfg, pos = self.cfg, cache.length
         cos, sin = rope_angles(np.array([pos]), cfg.head_dim, cfg.rope_theta)   # [1, hd/2] each
         x = x[0].copy()                                                         # [1, d], updated in place
-        run = decode_step if fused.THREADS > 1 else decode_step_1thread
-        run(x, *args, cache.k, cache.v, pos, cos[0], sin[0], cfg.n_heads, cfg.norm_eps, fused.THREADS)
+        run = decode_step if runtime.THREADS > 1 else decode_step_1thread
+        run(x, *args, cache.k, cache.v, pos, cos[0], sin[0], cfg.n_heads, cfg.norm_eps, runtime.THREADS)
         cache.length += 1
         return x[None]                                                          # [1, 1, d]
 

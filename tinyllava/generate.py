@@ -5,13 +5,13 @@
 Only the answer goes to stdout (streamed as it is decoded); diagnostics go to stderr.
 """
 import argparse
-import os
 import sys
 import time
 
 from .decoding import Sampling
 from .errors import TinyLlavaError, cli_errors
 from .instruct import BRIEF
+from .options import add_options, picked
 
 CAPTION_REQUEST = BRIEF[0]  # "Describe the image concisely.": the stage-2 model's best captions (README)
 
@@ -41,25 +41,6 @@ def write(text):
     sys.stdout.flush()
 
 
-def idle_cores():
-    """The cores other programs leave free, at least one: all of them less the threads running right now in
-    other processes (Linux's /proc; elsewhere the 1-minute load average). Each token runs ~150 parallel loops,
-    each waiting for its slowest thread: a thread that shares its core with a busy program makes decoding several
-    times slower than one thread alone (measured in the README)."""
-    cores = os.cpu_count() or 1
-    try:
-        with open("/proc/loadavg") as f:
-            running = int(f.read().split()[3].split("/")[0])    # "running/total" tasks of the machine
-        mine = 0                                                # this process's own (BLAS threads may spin)
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/stat") as f:
-                mine += f.read().rsplit(")", 1)[1].split()[0] == "R"
-        busy = running - mine
-    except (OSError, ValueError, IndexError):
-        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cores, cores - busy))
-
-
 def parser():
     ap = argparse.ArgumentParser(
         prog="python -m tinyllava.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,13 +56,9 @@ def parser():
                     f"model is asked {CAPTION_REQUEST!r}, stage 1 sees the image alone, as it was trained)")
     ap.add_argument("--chat", action="store_true", help="a conversation: read more turns from stdin")
     ap.add_argument("-sys", "--system-prompt", help="system message (default: the model's own)")
-    ap.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens to generate per answer (256)")
-    ap.add_argument("-t", "--threads", type=int, help="threads for the products (default: the cores that other "
-                    "programs leave idle when it starts)")
-    ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    ap.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling")
+    ap.add_argument("-t", "--threads", type=int, help="threads for the products (default: the cores other programs "
+                    "leave idle, see runtime.py; or TINYLLAVA_THREADS)")
+    add_options(ap, Sampling)
     ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--stage", type=int, choices=[1, 2],
                     help="which committed model: 2, tuned on instructions (the default when weights/stage2-*.gguf "
@@ -101,21 +78,21 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     with cli_errors("tinyllava.generate"):
-        from . import fused, trace
+        from . import fused, runtime, trace
         from .image import preprocess
-        from .model import IMAGE, Chat, Llava, load_decoder, load_llava, stage2_paths
-        sampling = Sampling(args.n_predict, args.temp, args.top_k, args.top_p, args.seed).check()
+        from .model import IMAGE, Chat, Llava, load_decoder, load_llava
+        from .weights import stage2_paths
+        sampling = Sampling(**picked(args, Sampling)).check()
         if args.prompt is not None:
             check_text(args.prompt)
         t0 = time.perf_counter()
-        compiling = fused.CompileWatch(lambda: print("(first run: numba is compiling the fused loops for this CPU; "
-                                                     "they are cached for later runs)", file=sys.stderr, flush=True))
-        fused.keep_freed_memory()
-        use_fused = args.fused if args.fused is not None else fused.ENGINE == "numba"
-        load_matrix = fused.QuantMatrix.from_tensor if use_fused else None
-        if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
-            raise TinyLlavaError(f"--threads must be between 1 and the {os.cpu_count()} cores")
-        fused.set_threads(args.threads or idle_cores())
+        compiling = runtime.CompileWatch(lambda: print("(first run: numba is compiling the fused loops for this CPU; "
+                                                       "they are cached for later runs)", file=sys.stderr, flush=True))
+        runtime.keep_freed_memory()
+        quantized = args.fused if args.fused is not None else fused.ENGINE == "numba"
+        if args.threads is not None and not 1 <= args.threads <= runtime.cores():
+            raise TinyLlavaError(f"--threads must be between 1 and the {runtime.cores()} cores")
+        runtime.use_threads(args.threads)
         images = args.image or []
         captions = args.prompt is None and not args.chat
         if not images and captions:  # no arguments: a demo photo
@@ -128,14 +105,14 @@ def main(argv=None):
         if stage == 2 and not projector and not adapter:  # (text alone: SmolLM2 itself, unless asked)
             projector, adapter = stage2_paths()
         if images:
-            llava = load_llava(projector, args.model, load_matrix=load_matrix, adapter=adapter)
+            llava = load_llava(projector, args.model, quantized=quantized, adapter=adapter)
             tokens = [trace.image_tokens(llava, p, pad=not args.crop) if args.trace else
                       llava.image_tokens(px[None])[0] for p, px in zip(images, pixels)]   # [196, d] each
             llava.tower = None  # its work is done: its memory is freed before the prompt
         else:
-            llava, tokens = Llava(*load_decoder(args.model, load_matrix=load_matrix)), []
+            llava, tokens = Llava(*load_decoder(args.model, quantized=quantized)), []
             if adapter:  # text only: the stage-2 language model, without the vision side
-                llava = load_llava(projector, args.model, tower=False, load_matrix=load_matrix, adapter=adapter)
+                llava = load_llava(projector, args.model, tower=False, quantized=quantized, adapter=adapter)
         observe = lambda: trace.decoding(llava.tok, args.temp) if args.trace else {}  # noqa: E731
 
         def ask(chat, question):  # -> tokens generated

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import quant
 from .errors import TinyLlavaError
+from .files import atomic
 from .quant import GGMLType
 
 
@@ -215,6 +216,12 @@ class GGUFFile:
             self.fail(f"missing tensor {name!r} (is this the right kind of model file?)")
         return self.tensors[name]
 
+    def weight(self, name, load_matrix=None):
+        """A tensor as a model holds it: a matrix as load_matrix(GGUFTensor) makes it (default: float32), anything
+        else (norms, biases, embeddings of other shapes) as a float32 array."""
+        t = self.tensor(name)
+        return (load_matrix or GGUFTensor.numpy)(t) if len(t.shape) == 2 else t.numpy()
+
 
 # -- writing ---------------------------------------------------------------------------------------------
 def _infer_type(value):
@@ -293,19 +300,13 @@ def write_gguf(path, metadata, tensors, types=None, alignment=DEFAULT_ALIGNMENT)
         blobs.append((offset, data))
         offset += -(-data.size // alignment) * alignment
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            head = b"".join(header)
-            f.write(head + bytes(-len(head) % alignment))
-            data_start = f.tell()
-            for off, data in blobs:
-                f.write(bytes(data_start + off - f.tell()))
-                f.write(data.tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic(path) as f:
+        head = b"".join(header)
+        f.write(head + bytes(-len(head) % alignment))
+        data_start = f.tell()
+        for off, data in blobs:
+            f.write(bytes(data_start + off - f.tell()))
+            f.write(data.tobytes())
     return path
 
 

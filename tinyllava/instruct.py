@@ -7,7 +7,7 @@ LLaVA's format (llava_instruct_150k.json), one record per image conversation:
      "conversations": [{"from": "human", "value": "<image>\\nWhat is the dog doing?"},
                        {"from": "gpt", "value": "The dog is running through the grass."}, ...more turns]}
 
-`<image>` stands once, in the first human turn; the loss is on the gpt turns only (`conversation_segment`).
+`<image>` stands once, in the first human turn; the loss is on the gpt turns only (sequences.conversation_ids).
 
 Generators (`from_captions`, one photo's five captions -> its conversations; every answer is what the captions
 say, and a question is dropped rather than answered wrongly):
@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TinyLlavaError, cli_errors
+from .files import write_atomic
+from .model import IMAGE
 
-IMAGE = "<image>"
 SYSTEM = "You are a helpful vision assistant."  # stage 2's system turn (the paper's words)
 
 # LLaVA's instruction lists (the paper's appendix, tables 11 and 12)
@@ -203,11 +204,7 @@ def to_record(c, folder):
 
 def write_conversations(path, conversations, folder):
     """Write LLaVA's JSON list, atomically (one record per line, so the file reads line by line too)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("[\n" + ",\n".join(json.dumps(to_record(c, folder)) for c in conversations) + "\n]\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, "[\n" + ",\n".join(json.dumps(to_record(c, folder)) for c in conversations) + "\n]\n")
 
 
 # -- the generators ----------------------------------------------------------------------------------------
@@ -455,7 +452,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="source", required=True)
     f = sub.add_parser("captions", help="instruction data from image-caption pairs (a pairs.jsonl folder)")
-    f.add_argument("--data", required=True, help="folder with pairs.jsonl (e.g. ../shared/data/flickr8k)")
+    f.add_argument("--data", required=True, help="folder with pairs.jsonl (e.g. data/flickr8k)")
     f.add_argument("--out", required=True, help="folder for NAME-train.json, NAME-dev.json, NAME-pope-dev.json (and "
                    "NAME-pope-test.json where the data has a test split)")
     f.add_argument("--name", default="flickr8k")

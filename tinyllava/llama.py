@@ -12,7 +12,7 @@ the weight gradients. Matrices are stored as in the GGUF, (n_out, n_in), so a li
 To add a decoder family (Qwen2, for example: q/k/v biases, NEOX-style RoPE, an untied output matrix):
   1. `LlamaConfig.from_gguf`: accept its `general.architecture` and read the same keys under its prefix
      (`qwen2.embedding_length`, ...), plus a field for what differs (`rope_neox: bool`).
-  2. `Layer`: optional fields `bq`, `bk`, `bv`, loaded from `blk.N.attn_{q,k,v}.bias` (add them to
+  2. `Layer`: optional fields `wq_b`, `wk_b`, `wv_b`, loaded from `blk.N.attn_{q,k,v}.bias` (add them to
      TENSOR_NAMES); `qkv` passes them to `linear(x, w, b)`, and the backward adds their gradients (dy summed).
   3. RoPE: NEOX rotates the pairs (x[i], x[i + hd/2]) instead of (x[2i], x[2i+1]); a `rope_neox` that does
      this (and its backward, the inverse rotation), chosen in `qkv` by the config.
@@ -27,8 +27,19 @@ import numpy as np
 
 from .errors import TinyLlavaError
 from .gguf import GGUFFile
-from .ops import (attention, attention_backward, causal_mask, cross_entropy, cross_entropy_backward, linear,
-                  linear_backward, rms_norm, rms_norm_backward, swiglu, swiglu_backward)
+from .ops import (
+    attention,
+    attention_backward,
+    causal_mask,
+    cross_entropy,
+    cross_entropy_backward,
+    linear,
+    linear_backward,
+    rms_norm,
+    rms_norm_backward,
+    swiglu,
+    swiglu_backward,
+)
 
 
 @dataclass
@@ -93,6 +104,7 @@ class Layer:
     w_down: np.ndarray     # [d, f]
 
 
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # a block's linear maps, in this order everywhere
 # Layer field -> tensor name in the GGUF (blk.N.<name>)
 TENSOR_NAMES = {"attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
                 "wv": "attn_v.weight", "wo": "attn_output.weight", "ffn_norm": "ffn_norm.weight",
@@ -201,15 +213,11 @@ class Llama:
         """Read a llama GGUF. Matrices become float32 arrays, or whatever `load_matrix(GGUFTensor)` makes."""
         g = GGUFFile(path)
         cfg = LlamaConfig.from_gguf(g)
-        mat = load_matrix or (lambda t: t.numpy())
         if "output.weight" in g.tensors:
             g.fail("has a separate output.weight; tinyllava supports tied embeddings only (as in SmolLM2)")
-
-        def tensor(name):  # norm weights are small float32 vectors; matrices go through load_matrix
-            t = g.tensor(name)
-            return mat(t) if len(t.shape) == 2 else t.numpy()
-        layers = [Layer(**{f: tensor(f"blk.{i}.{n}") for f, n in TENSOR_NAMES.items()}) for i in range(cfg.n_layers)]
-        model = cls(cfg, tensor("token_embd.weight"), layers, tensor("output_norm.weight"))
+        layers = [Layer(**{f: g.weight(f"blk.{i}.{n}", load_matrix) for f, n in TENSOR_NAMES.items()})
+                  for i in range(cfg.n_layers)]
+        model = cls(cfg, g.weight("token_embd.weight", load_matrix), layers, g.weight("output_norm.weight"))
         model.gguf = g
         return model
 

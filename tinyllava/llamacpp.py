@@ -5,7 +5,7 @@ tinyllava's exported files must run in (tests/check_llamacpp.py) and that the be
     tokens = cpp.embeddings(rgb)            # llama.cpp's image tokens [196, 576] for an RGB uint8 picture
     ids = cpp.answer(prompt, tokens)        # greedy, with MARKER in the prompt where the image goes
 
-Needs `pip install llama-cpp-python==0.3.36` (it compiles llama.cpp, ~25 minutes on two cores).
+Needs `pip install llama-cpp-python==0.3.36`, which compiles llama.cpp from source (the README says how long).
 """
 import ctypes
 

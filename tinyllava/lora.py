@@ -19,12 +19,12 @@ import numpy as np
 
 from .errors import TinyLlavaError
 from .gguf import GGUFFile, ValueType, write_gguf
-from .llama import TENSOR_NAMES
+from .llama import MATRICES, TENSOR_NAMES
 from .ops import linear
 from .quant import GGMLType
 
-TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")  # every linear
-FIELD = {TENSOR_NAMES[f].removesuffix(".weight"): f for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+FIELD = {TENSOR_NAMES[f].removesuffix(".weight"): f for f in MATRICES}  # adapter target (attn_q) -> Layer field
+TARGETS = tuple(FIELD)  # every linear
 
 
 class LoRA:

@@ -7,16 +7,15 @@ Two prompt forms:
   plain (stage-1 pretraining, and captioning): <image> caption <|im_end|>
   chat (a question about the image):           ChatML, the first user turn starting with <image>\\n
 
-For training, one image and all its captions are packed into one sequence, [image | caption 1 | caption 2 ...],
-where each caption sees the image and itself only (a block mask) and starts at the position right after the
-image: the same numbers as one sequence per caption, with the image computed once.
+The loaders at the end put the parts together: load_decoder(quantized=...) says which engine runs the decoder
+(float32, or the fused quantized products). Training sequences (an image with all its captions or conversations
+packed into one) are sequences.py's.
 """
 import numpy as np
 
 from .decoding import Sampling, TextStream, generate
 from .errors import TinyLlavaError
 from .llama import KVCache, Llama
-from .ops import causal_mask
 from .tokenizer import Tokenizer
 
 IMAGE = "<image>"
@@ -52,16 +51,16 @@ def chat_prompt(tokenizer, question, n_images=1, system=None, history=()):
     return tokenizer.chat(chat_messages(question, n_images, system, history))
 
 
-def caption_ids(tok, captions):  # the plain template's targets: each caption, then the end token
-    return [tok.encode(c) + [tok.eos_id] for c in captions]
-
-
 # -- the model ---------------------------------------------------------------------------------------------
 class Llava:
+    """LLaVA: a vision tower and a projector that turn a picture into image tokens, and a decoder that reads them
+    with the text. caption() continues the image alone (the plain template stage 1 trains in); answer() replies in
+    the chat template, with the system turn the model was tuned with. load_llava() makes one."""
+
     def __init__(self, decoder, tokenizer, tower=None, projector=None, system=None):
         self.decoder = decoder      # llama.Llama
         self.tok = tokenizer        # tokenizer.Tokenizer
-        self.tower = tower          # vit.VisionTower (None: text only, or features come from a cache)
+        self.tower = tower          # vit.Clip (None: text only, or features come from a cache)
         self.projector = projector  # projector.Projector
         self.system = system        # the system turn the model was tuned with (None: the tokenizer's default)
         if projector is not None and projector.d_out != decoder.cfg.dim:
@@ -139,6 +138,8 @@ class Chat:
         return self.llava.decoder.embed([ids]), ids, text
 
     def ask(self, question, sampling=Sampling(), on_text=None, **observe):
+        """The reply to the next user turn (streamed to on_text as it is decoded), remembered for the turns after
+        it; refused when the conversation would outgrow the context. -> the reply's text"""
         x, _, text = self.prompt(question)
         context = self.llava.decoder.cfg.context_length
         room = context - self.cache.length - x.shape[1]
@@ -153,128 +154,54 @@ class Chat:
         return answer
 
 
-# -- training sequences ------------------------------------------------------------------------------------
-def conversation_ids(tok, turns, system=None):
-    """A conversation about one image, [(question, answer), ...], in the chat template, cut where the image
-    stands. -> (prefix ids: the text before the image; ids after it; targets: True on the tokens the loss
-    scores, each answer and the end token after it). Each prompt is encoded as at inference, up to where the
-    answer starts, and each answer on its own, as the model generates it."""
-    history, said, prefix, ids, targets = [], "", None, [], []
-    end = tok.decode([tok.eos_id])
-    for question, answer in turns:
-        text = chat_prompt(tok, question, 1, system, history)    # the conversation so far, ending "assistant\n"
-        if prefix is None:
-            before, new = text.split(IMAGE)
-            prefix = tok.encode(before)
-        elif text.startswith(said):
-            new = text[len(said):]
-        else:
-            raise TinyLlavaError("the chat template rewrote earlier turns: cannot cut the conversation into turns")
-        prompt, reply = tok.encode(new), tok.encode(answer) + [tok.eos_id]
-        ids += prompt + reply
-        targets += [False] * len(prompt) + [True] * len(reply)
-        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        said = text + answer + end
-    return prefix, ids, targets
-
-
-def pack(prefix, segments):
-    """One image's training sequence: the prefix, then every segment packed after it.
-
-    prefix: [P, d] embeddings (the image tokens, with any text before them); segments: list of id lists, each
-    predicting all its tokens (stage 1: a caption ending with the end token), or of (ids, targets) pairs,
-    `targets` marking which tokens the loss scores (stage 2: the answers of a conversation). Each segment sees
-    the prefix and itself only (a block mask) and starts at the position right after the prefix: the same
-    numbers as one sequence per segment, with the prefix computed once.
-    -> (ids [L] (-1 under the prefix), positions [L], mask [1, 1, L, L], at [N], targets [N]): position
-    `at[k]` must predict token `targets[k]`; the prefix's last position predicts each segment's first token."""
-    P = len(prefix)
-    ids, positions, segment = [np.full(P, -1)], [np.arange(P)], [np.zeros(P, int)]
-    at, targets, start = [], [], P
-    for j, seg in enumerate(segments, start=1):
-        seg_ids, scored = seg if isinstance(seg, tuple) else (seg, [True] * len(seg))
-        n = len(seg_ids)
-        ids.append(np.array(seg_ids))
-        positions.append(P + np.arange(n))
-        segment.append(np.full(n, j))
-        before = [P - 1] + list(range(start, start + n - 1))  # the position that predicts each token
-        at += [p for p, s in zip(before, scored) if s]
-        targets += [t for t, s in zip(seg_ids, scored) if s]
-        start += n
-    ids, positions, segment = np.concatenate(ids), np.concatenate(positions), np.concatenate(segment)
-    L = len(ids)
-    # query t may see key s if s is in the prefix or in t's own segment, and s comes no later than t
-    mask = ((segment[None, :] == 0) | (segment[None, :] == segment[:, None])) & causal_mask(L)[0, 0]
-    return ids, positions, mask[None, None], np.array(at, int), np.array(targets, int)
-
-
-def collate(samples, prefixes, embed):
-    """Several packed sequences of different lengths -> one padded batch.
-    samples: outputs of pack(); prefixes: their [P, d] prefixes; embed(ids) -> [n, d].
-    -> x [B, L, d], positions [B, L], mask [B, 1, L, L] (padding is seen by no one), at [N] (flat), targets [N]"""
-    B, L = len(samples), max(len(s[0]) for s in samples)
-    d = prefixes[0].shape[-1]
-    x = np.zeros((B, L, d), prefixes[0].dtype)
-    positions = np.zeros((B, L), int)
-    mask = np.zeros((B, 1, L, L), bool)
-    ats, targets = [], []
-    for b, ((ids, pos, m, at, tg), prefix) in enumerate(zip(samples, prefixes)):
-        n, P = len(ids), len(prefix)
-        x[b, :P] = prefix
-        x[b, P:n] = embed(ids[P:])
-        positions[b, :n] = pos
-        mask[b, 0, :n, :n] = m[0, 0]
-        mask[b, 0, n:, 0] = True  # padding queries look at one key, so their softmax stays finite
-        ats.append(b * L + at)
-        targets.append(tg)
-    return x, positions, mask, np.concatenate(ats), np.concatenate(targets)
-
-
 # -- loading -----------------------------------------------------------------------------------------------
-def default_projector_path():  # the committed stage-1 projector
-    from .weights import WEIGHTS_DIR
-    return WEIGHTS_DIR / "projector.gguf"
-
-
-def stage2_paths():  # the committed stage-2 model: (its projector, its LoRA adapter)
-    from .weights import WEIGHTS_DIR
-    return WEIGHTS_DIR / "stage2-projector.gguf", WEIGHTS_DIR / "stage2-lora.gguf"
-
-
-def load_decoder(path=None, load_matrix=None):
-    """The SmolLM2 decoder and its tokenizer (fetched on first use when no path is given). Matrices are float32,
-    or what load_matrix(GGUFTensor) makes (fused.QuantMatrix.from_tensor keeps them quantized, and then a
-    fused_llama.FusedLlama decodes each token in one compiled call)."""
+def load_decoder(path=None, quantized=False):
+    """The SmolLM2 decoder and its tokenizer (fetched on first use when no path is given). Its matrices are float32
+    (llama.Llama), or with quantized=True kept in the file's blocks (fused.QuantMatrix) in a fused_llama.FusedLlama
+    that decodes each token in one compiled call. The products' threads are decided here (runtime.threads) unless
+    they were already."""
+    from . import runtime
     from .weights import decoder_path
-    if load_matrix is None:
-        model = Llama.load(path or decoder_path())
-    else:
+    runtime.threads()
+    if quantized:
+        from .fused import QuantMatrix
         from .fused_llama import FusedLlama
-        model = FusedLlama.load(path or decoder_path(), load_matrix)
+        model = FusedLlama.load(path or decoder_path(), QuantMatrix.from_tensor)
+    else:
+        model = Llama.load(path or decoder_path())
     return model, Tokenizer.from_gguf(model.gguf)
 
 
-def load_llava(projector=None, decoder=None, tower=True, load_matrix=None, adapter=None):
+def load_tower(quantized=False):
+    """The CLIP vision tower (converted from the fetched ONNX on first use); quantized=True keeps its matrices in
+    Q8_0 blocks, dequantized inside each product."""
+    from .vit import Clip
+    from .weights import vision_path
+    if quantized:
+        from .fused import QuantMatrix
+        return Clip.load(vision_path(), load_matrix=QuantMatrix.from_tensor)
+    return Clip.load(vision_path())
+
+
+def load_llava(projector=None, decoder=None, tower=True, quantized=False, adapter=None):
     """The decoder, its tokenizer, the vision tower (unless tower=False) and a trained projector (default: the
     committed weights/projector.gguf), each fetched or converted on first use; with `adapter`, a stage-2 LoRA
-    GGUF on top of the decoder, and the system turn it was tuned with."""
+    GGUF on top of the decoder, and the system turn it was tuned with. quantized: see load_decoder."""
     from pathlib import Path
 
     from . import lora
     from .gguf import GGUFFile
     from .projector import Projector
-    from .vit import VisionTower
-    from .weights import vision_path
+    from .weights import default_projector_path
     path = Path(projector) if projector else default_projector_path()
     for p, what in ((path, "projector"), (adapter and Path(adapter), "adapter")):
         if p and not p.exists():
             raise TinyLlavaError(f"{p}: no such {what} file" + ("" if projector or what == "adapter" else
                                  "; train one with `python -m tinyllava.train` or pass --projector"))
     proj = Projector.load(path)
-    dec, tok = load_decoder(decoder, load_matrix=load_matrix)
+    dec, tok = load_decoder(decoder, quantized)
     system = GGUFFile(path).get("tinyllava.system")
     if adapter:
         lora.load(adapter, dec)
         system = GGUFFile(adapter).get("tinyllava.system", system)
-    vt = VisionTower.load(vision_path(), load_matrix=load_matrix) if tower else None
-    return Llava(dec, tok, vt, proj, system)
+    return Llava(dec, tok, load_tower(quantized) if tower else None, proj, system)

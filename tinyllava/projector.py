@@ -70,6 +70,9 @@ FILE_NAMES = {"w0": "mm.0.weight", "b0": "mm.0.bias", "w2": "mm.2.weight", "b2":
 
 
 class Projector:
+    """The trained map from image features to image tokens: one of KINDS (linear, mlp2x_gelu), its parameters by
+    name. forward and backward as the table of kinds says; saved and loaded as a GGUF of llama.cpp's mmproj names."""
+
     def __init__(self, kind, params):
         if kind not in KINDS:
             raise TinyLlavaError(f"unknown projector {kind!r} (choose from {', '.join(KINDS)})")

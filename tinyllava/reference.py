@@ -14,7 +14,11 @@ def clip_vision_model(tensor, n_layers=12, with_projection=False):
     blocks. tensor(name) -> float32 NumPy array of a tensor of tinyllava's CLIP GGUF (dequantized by whoever
     the caller trusts: the tests use the gguf package, the benchmark tinyllava)."""
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+    )
     t = lambda name: torch.from_numpy(tensor(name))  # noqa: E731
     cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=n_layers,
                            num_attention_heads=12, image_size=224, patch_size=16, hidden_act="quick_gelu",

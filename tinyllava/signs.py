@@ -22,6 +22,7 @@ import numpy as np
 from .errors import TinyLlavaError
 from .weights import Wheel, fetch_wheel
 
+
 # -- the fonts -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Font:

@@ -87,6 +87,9 @@ def pre_tokenize(text):
 
 
 class Tokenizer:
+    """SmolLM2's byte-level BPE, read from the GGUF: encode (text -> ids: the digit split, GPT-2's pre-tokenizer,
+    then merges by rank), decode (ids -> text), and chat (ChatML messages -> the prompt's text)."""
+
     def __init__(self, tokens, merges, token_types, eos_id, chat_template_system=None):
         self.tokens = list(tokens)                               # id -> token text (in the byte alphabet)
         self.ids = {t: i for i, t in enumerate(self.tokens)}     # token text -> id

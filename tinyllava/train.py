@@ -1,8 +1,8 @@
 """Train LLaVA's two stages, by hand-written backpropagation.
 
-    python -m tinyllava.train --data ../shared/data/flickr8k --out runs/mlp                 # stage 1
-    python -m tinyllava.train --stage 2 --data runs/instruct/flickr8k-train.json \\
-                              --data runs/instruct/easy-vqa-train.json --out runs/stage2   # stage 2 (LoRA)
+    python -m tinyllava.train --data data/flickr8k --out runs/mlp                 # stage 1
+    python -m tinyllava.train --stage 2 --data data/instruct/flickr8k-train.json \\
+                              --data data/instruct/easy-vqa-train.json --out runs/stage2   # stage 2 (LoRA)
 
 Stage 1 (alignment) trains only the projector; the vision tower and the decoder stay frozen. An image and all its
 captions make one packed sequence ("plain" template: image tokens, caption, end token), the loss is on the
@@ -23,59 +23,71 @@ the lowest dev loss seen.
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import TinyLlavaError, cli_errors
-from .gguf import GGUFFile, write_gguf
-from .model import caption_ids, collate, conversation_ids, pack
+from . import runtime
 from .data import Example, FeatureCache
+from .errors import TinyLlavaError, cli_errors
+from .files import write_atomic
+from .gguf import GGUFFile, write_gguf
 from .ops import cross_entropy
 from .optim import AdamW, clip_grad_norm, lr_at
+from .options import add_options, picked
 from .projector import KINDS, Projector
+from .sequences import caption_ids, collate, conversation_ids, pack
+
+
+def option(default, help, **more):  # a TrainConfig field: its default, and its --help
+    return field(default=default, metadata={"help": help, **more})
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; `python -m tinyllava.train --help` explains each one."""
-    data: list
-    out: str
-    stage: int = 1
-    images: str = None
-    projector: str = "mlp2x_gelu"
-    split: str = "train"
-    dev_split: str = "dev"
-    dev_images: int = 100
-    dev_data: list = None
-    epochs: float = 1.0
-    steps: int = None
-    batch: int = 16
-    micro_batch: int = 1
-    captions: int = 5
-    lr: float = None
-    warmup: float = 0.03
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 20
-    eval_every: int = 50
-    fresh: bool = False
-    init: str = None
-    init_adapter: str = None
-    cache: str = None
-    crop: bool = False
-    model: str = None
-    on_error: str = "stop"
-    full: bool = False
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: str = "all"
-    system: str = None
+    """Everything a run depends on; `python -m tinyllava.train --help` explains each one (options.py)."""
+    data: list = field(metadata={"help": "stage 1: a folder with pairs.jsonl, or a LLaVA pretrain JSON (with "
+                                         "--images); stage 2: a LLaVA instruction JSON. Repeat to train on several"})
+    out: str = field(metadata={"help": "run folder: checkpoint.gguf, log.jsonl, the best weights"})
+    stage: int = option(1, "1: the projector alone on captions; 2: projector and language model on conversations",
+                        choices=[1, 2])
+    images: str = option(None, "image folder of a LLaVA JSON (default: the JSON's own folder in stage 2)")
+    projector: str = option("mlp2x_gelu", "the projector's kind", choices=list(KINDS))
+    split: str = option("train", "stage 1: pairs.jsonl split to train on ('all' for every line)")
+    dev_split: str = option("dev", "split for the dev loss that selects the saved weights")
+    dev_images: int = option(100, "dev images evaluated at each --eval-every")
+    dev_data: list = option(None, "stage 2: an instruction JSON for the dev loss (repeat)")
+    epochs: float = option(1.0, "passes over the training images")
+    steps: int = option(None, "total optimizer steps (overrides --epochs)")
+    batch: int = option(16, "images per optimizer step (gradient accumulation)")
+    micro_batch: int = option(1, "images per forward pass (padded together)")
+    captions: int = option(5, "stage 1: captions per image packed into its sequence")
+    lr: float = option(None, "peak learning rate (default: stage 1 the projector's, 2e-3 linear or 1e-3 mlp2x_gelu; "
+                             "stage 2 2e-4 with LoRA, 2e-5 --full)")
+    warmup: float = option(0.03, "warmup fraction of the steps")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    clip: float = option(1.0, "gradient norm clipping")
+    seed: int = option(0, "the order of the images, and new adapters' initial values")
+    checkpoint_every: int = option(20, "steps between checkpoints")
+    eval_every: int = option(50, "steps between dev losses")
+    fresh: bool = option(False, "ignore an existing checkpoint in --out")
+    init: str = option(None, "start from this projector GGUF (stage 2 default: weights/projector.gguf)")
+    init_adapter: str = option(None, "stage 2: go on training this LoRA GGUF (with --init, the projector trained "
+                                     "with it) instead of new adapters")
+    cache: str = option(None, "feature cache folder")
+    crop: bool = option(False, "centre-crop images instead of padding them square")
+    model: str = option(None, "decoder GGUF (default: the fetched SmolLM2)")
+    on_error: str = option("stop", "a malformed data line or unreadable image: stop, or skip it and go on",
+                           choices=["stop", "skip"])
+    full: bool = option(False, "stage 2: train every weight of the language model, not LoRA")
+    lora_rank: int = option(16, "stage 2: rank r of the adapters")
+    lora_alpha: float = option(32.0, "stage 2: the adapters' scale is alpha / r")
+    lora_targets: str = option("all", "stage 2: matrices to adapt, comma-separated among attn_q, attn_k, attn_v, "
+                                      "attn_output, ffn_gate, ffn_up, ffn_down")
+    system: str = option(None, "stage 2: the system turn (default: instruct.SYSTEM)")
 
     def check(self):
         for name in ("batch", "micro_batch", "captions", "checkpoint_every", "eval_every"):
@@ -204,12 +216,6 @@ def load_checkpoint(path):
             g.require("tinyllava.step"), g.require("tinyllava.adam_t"), json.loads(g.require("tinyllava.state")))
 
 
-def write_atomic(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # -- the data ----------------------------------------------------------------------------------------------
 @dataclass
 class Images:
@@ -300,9 +306,9 @@ def train(cfg, log=print, world=None):
     """Run (or resume) a training run as the TrainConfig says; with `world` (parallel.World), as one of its
     ranks: each takes its share of every step's images, rank 0 writes. -> the projector of the last step"""
     from .instruct import SYSTEM
-    from .model import default_projector_path, load_decoder
+    from .model import load_decoder, load_tower
     from .parallel import World
-    from .weights import vision_path
+    from .weights import default_projector_path, vision_path
     cfg.check()
     world = world or World()
     writer = world.rank == 0
@@ -321,8 +327,7 @@ def train(cfg, log=print, world=None):
     cache = FeatureCache.for_examples([Example(p, []) for p in data.paths], vision_path(), pad=not cfg.crop,
                                       cache=cfg.cache)
     if not cache.done[train_idx + dev_idx].all():  # every rank fills its share, then all read all of it
-        from .vit import VisionTower
-        cache.fill(VisionTower.load(vision_path()), on_error=cfg.on_error, share=(world.rank, world.size))
+        cache.fill(load_tower(), on_error=cfg.on_error, share=(world.rank, world.size))
         world.barrier()
         cache.refresh()
         train_idx = [i for i in train_idx if cache.done[i]]  # what could not be read stays missing (--on-error)
@@ -366,6 +371,7 @@ def train(cfg, log=print, world=None):
     from .progress import bar
     progress = bar(total, "train", "step", show=writer, initial=step)
     while step < total:
+        runtime.adapt()  # the threads follow the machine's load between steps (runtime.py)
         t0 = time.perf_counter()
         epoch, k = divmod(step * cfg.batch, steps_per_epoch * cfg.batch)
         order = epoch_order(len(train_idx), cfg.seed, epoch)
@@ -404,48 +410,7 @@ def train(cfg, log=print, world=None):
 def parser():
     ap = argparse.ArgumentParser(prog="python -m tinyllava.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, action="append",
-                    help="stage 1: a folder with pairs.jsonl, or a LLaVA pretrain JSON (with --images); stage 2: a "
-                         "LLaVA instruction JSON. Repeat to train on several together")
-    ap.add_argument("--images", help="image folder of a LLaVA JSON (default: the JSON's own folder in stage 2)")
-    ap.add_argument("--out", required=True, help="run folder: checkpoint.gguf, log.jsonl, the best weights")
-    ap.add_argument("--stage", type=int, choices=[1, 2], default=1,
-                    help="1: the projector alone on captions; 2: projector and language model on conversations")
-    ap.add_argument("--projector", choices=list(KINDS), default="mlp2x_gelu")
-    ap.add_argument("--split", default="train", help="stage 1: pairs.jsonl split to train on ('all' for every line)")
-    ap.add_argument("--dev-split", default="dev", help="split for the dev loss that selects the saved weights")
-    ap.add_argument("--dev-data", action="append", help="stage 2: an instruction JSON for the dev loss (repeat)")
-    ap.add_argument("--dev-images", type=int, default=100, help="dev images evaluated at each --eval-every")
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
-    ap.add_argument("--batch", type=int, default=16, help="images per optimizer step (gradient accumulation)")
-    ap.add_argument("--micro-batch", type=int, default=1, help="images per forward pass (padded together)")
-    ap.add_argument("--captions", type=int, default=5, help="stage 1: captions per image packed into its sequence")
-    ap.add_argument("--lr", type=float, help="peak learning rate (default: stage 1 the projector's, 2e-3 linear or "
-                                             "1e-3 mlp2x_gelu; stage 2 2e-4 with LoRA, 2e-5 --full)")
-    ap.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the steps")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--checkpoint-every", type=int, default=20)
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
-    ap.add_argument("--init", help="start from this projector GGUF (stage 2 default: weights/projector.gguf)")
-    ap.add_argument("--cache", help="feature cache folder")
-    ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
-    ap.add_argument("--model", help="decoder GGUF (default: the fetched SmolLM2)")
-    ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
-                    help="a malformed data line or unreadable image: stop, or skip it and go on")
-    ap.add_argument("--init-adapter", help="stage 2: go on training this LoRA GGUF (with --init, the projector "
-                    "trained with it) instead of new adapters")
-    ap.add_argument("--full", action="store_true", help="stage 2: train every weight of the language model, not LoRA")
-    ap.add_argument("--lora-rank", type=int, default=16, help="stage 2: rank r of the adapters")
-    ap.add_argument("--lora-alpha", type=float, default=32.0, help="stage 2: the adapters' scale is alpha / r")
-    ap.add_argument("--lora-targets", default="all",
-                    help="stage 2: matrices to adapt, comma-separated among attn_q, attn_k, attn_v, attn_output, "
-                         "ffn_gate, ffn_up, ffn_down (default all)")
-    ap.add_argument("--system", help="stage 2: the system turn (default: instruct.SYSTEM)")
-    return ap
+    return add_options(ap, TrainConfig)
 
 
 def main(argv=None):
@@ -454,7 +419,7 @@ def main(argv=None):
     with cli_errors("tinyllava.train"):
         world = World()
     with world.stop_all_on_error("tinyllava.train"), cli_errors("tinyllava.train"):
-        train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}),
+        train(TrainConfig(**picked(args, TrainConfig)),
               log=lambda s: print(s, file=sys.stderr), world=world)
 
 

@@ -41,6 +41,10 @@ class ClipConfig:
     def n_patches(self):
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
 
 def patchify(pixels, p):  # [B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in row-major order
     B, C, H, W = pixels.shape
@@ -49,46 +53,48 @@ def patchify(pixels, p):  # [B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], patches in 
 
 
 @dataclass
-class ClipLayer:  # the fields of llama.Layer, each with its bias
+class Layer:  # the fields of llama.Layer, and each one's bias (its name and _b)
     attn_norm: np.ndarray    # [d]
     attn_norm_b: np.ndarray  # [d]
     wq: np.ndarray           # [d, d]
-    bq: np.ndarray           # [d]
+    wq_b: np.ndarray         # [d]
     wk: np.ndarray           # [d, d]
-    bk: np.ndarray           # [d]
+    wk_b: np.ndarray         # [d]
     wv: np.ndarray           # [d, d]
-    bv: np.ndarray           # [d]
+    wv_b: np.ndarray         # [d]
     wo: np.ndarray           # [d, d]
-    bo: np.ndarray           # [d]
+    wo_b: np.ndarray         # [d]
     ffn_norm: np.ndarray     # [d]
     ffn_norm_b: np.ndarray   # [d]
     w_up: np.ndarray         # [f, d]
-    b_up: np.ndarray         # [f]
+    w_up_b: np.ndarray       # [f]
     w_down: np.ndarray       # [d, f]
-    b_down: np.ndarray       # [d]
+    w_down_b: np.ndarray     # [d]
 
 
-# ClipLayer field -> tensor name in the GGUF (v.blk.N.<name>), llama.cpp's CLIP names
-TENSOR_NAMES = {"attn_norm": "ln1.weight", "attn_norm_b": "ln1.bias", "wq": "attn_q.weight", "bq": "attn_q.bias",
-                "wk": "attn_k.weight", "bk": "attn_k.bias", "wv": "attn_v.weight", "bv": "attn_v.bias",
-                "wo": "attn_out.weight", "bo": "attn_out.bias", "ffn_norm": "ln2.weight", "ffn_norm_b": "ln2.bias",
-                "w_up": "ffn_up.weight", "b_up": "ffn_up.bias", "w_down": "ffn_down.weight", "b_down": "ffn_down.bias"}
+# Layer field -> tensor name in the GGUF (v.blk.N.<name>), llama.cpp's CLIP names
+TENSOR_NAMES = {"attn_norm": "ln1.weight", "attn_norm_b": "ln1.bias", "wq": "attn_q.weight", "wq_b": "attn_q.bias",
+                "wk": "attn_k.weight", "wk_b": "attn_k.bias", "wv": "attn_v.weight", "wv_b": "attn_v.bias",
+                "wo": "attn_out.weight", "wo_b": "attn_out.bias", "ffn_norm": "ln2.weight", "ffn_norm_b": "ln2.bias",
+                "w_up": "ffn_up.weight", "w_up_b": "ffn_up.bias", "w_down": "ffn_down.weight",
+                "w_down_b": "ffn_down.bias"}
 
 
-def clip_block(x, layer, cfg):  # [B, N, d] -> [B, N, d]
+def block(x, layer, cfg):  # [B, N, d] -> [B, N, d]
     B, N, d = x.shape
-    hd = d // cfg.n_heads
+    H, hd = cfg.n_heads, cfg.head_dim
     a = layer_norm(x, layer.attn_norm, layer.attn_norm_b, cfg.norm_eps)              # [B, N, d]
-    q = linear(a, layer.wq, layer.bq).reshape(B, N, cfg.n_heads, hd)                 # [B, N, H, hd]
-    k = linear(a, layer.wk, layer.bk).reshape(B, N, cfg.n_heads, hd)                 # [B, N, H, hd]
-    v = linear(a, layer.wv, layer.bv).reshape(B, N, cfg.n_heads, hd)                 # [B, N, H, hd]
-    x = x + linear(attention(q, k, v, mask=None).reshape(B, N, d), layer.wo, layer.bo)  # [B, N, d]
+    q = linear(a, layer.wq, layer.wq_b).reshape(B, N, H, hd)                         # [B, N, H, hd]
+    k = linear(a, layer.wk, layer.wk_b).reshape(B, N, H, hd)                         # [B, N, H, hd]
+    v = linear(a, layer.wv, layer.wv_b).reshape(B, N, H, hd)                         # [B, N, H, hd]
+    x = x + linear(attention(q, k, v, mask=None).reshape(B, N, d), layer.wo, layer.wo_b)  # [B, N, d]
     m = layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, cfg.norm_eps)                # [B, N, d]
-    return x + linear(quick_gelu(linear(m, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
+    return x + linear(quick_gelu(linear(m, layer.w_up, layer.w_up_b)), layer.w_down, layer.w_down_b)
 
 
-class VisionTower:
-    """CLIP ViT weights from a llama.cpp-style CLIP GGUF. Matrices are float32, or what load_matrix makes."""
+class Clip:
+    """CLIP's vision transformer, from a llama.cpp-style CLIP GGUF. Matrices are float32, or what load_matrix makes
+    (as llama.Llama's)."""
 
     def __init__(self, cfg, patch_w, class_embd, pos_embd, pre_ln, layers, post_ln, visual_proj):
         self.cfg = cfg
@@ -96,7 +102,7 @@ class VisionTower:
         self.class_embd = class_embd    # [d]
         self.pos_embd = pos_embd        # [1 + n_patches, d]
         self.pre_ln = pre_ln            # (w [d], b [d])
-        self.layers = layers            # list of ClipLayer
+        self.layers = layers            # list of Layer
         self.post_ln = post_ln          # (w [d], b [d])
         self.visual_proj = visual_proj  # [projection_dim, d] or None
 
@@ -104,16 +110,11 @@ class VisionTower:
     def load(cls, path, load_matrix=None):
         g = GGUFFile(path)
         cfg = ClipConfig.from_gguf(g)
-        mat = load_matrix or (lambda t: t.numpy())
-        vec = lambda name: g.tensor(name).numpy()  # noqa: E731 (norms, biases, embeddings stay float32)
-
-        def tensor(name):
-            t = g.tensor(name)
-            return mat(t) if name.endswith(".weight") and len(t.shape) == 2 else t.numpy()
-        layers = [ClipLayer(**{f: tensor(f"v.blk.{i}.{n}") for f, n in TENSOR_NAMES.items()})
+        vec = lambda name: g.tensor(name).numpy()  # noqa: E731 (embeddings stay float32, whatever their shape)
+        layers = [Layer(**{f: g.weight(f"v.blk.{i}.{n}", load_matrix) for f, n in TENSOR_NAMES.items()})
                   for i in range(cfg.n_layers)]
         patch = vec("v.patch_embd.weight")                               # [d, 3, p, p]
-        proj = mat(g.tensors["v.visual_proj.weight"]) if "v.visual_proj.weight" in g.tensors else None
+        proj = g.weight("v.visual_proj.weight", load_matrix) if "v.visual_proj.weight" in g.tensors else None
         tower = cls(cfg, patch.reshape(patch.shape[0], -1), vec("v.class_embd"), vec("v.position_embd.weight"),
                     (vec("v.pre_ln.weight"), vec("v.pre_ln.bias")), layers,
                     (vec("v.post_ln.weight"), vec("v.post_ln.bias")), proj)
@@ -131,7 +132,7 @@ class VisionTower:
         """Run the first n_layers blocks (all by default) on the embedded image x (see embed) -> the last
         block's output. If a list is given, `hidden_states` gets each block's output (as llama.Llama.forward)."""
         for layer in self.layers[:n_layers]:
-            x = clip_block(x, layer, self.cfg)
+            x = block(x, layer, self.cfg)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x

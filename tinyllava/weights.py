@@ -142,6 +142,14 @@ def ensure(w):
     return fetch(w)
 
 
+def default_projector_path():  # the committed stage-1 projector
+    return WEIGHTS_DIR / "projector.gguf"
+
+
+def stage2_paths():  # the committed stage-2 model: (its projector, its LoRA adapter)
+    return WEIGHTS_DIR / "stage2-projector.gguf", WEIGHTS_DIR / "stage2-lora.gguf"
+
+
 def decoder_path():
     """The SmolLM2 GGUF, fetched on first use."""
     return ensure(SMOLLM2)[0]
