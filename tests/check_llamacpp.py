@@ -29,7 +29,8 @@ from tinyllava.decoding import Sampling  # noqa: E402
 from tinyllava.image import open_image, preprocess  # noqa: E402
 from tinyllava.instruct import BRIEF  # noqa: E402
 from tinyllava.llamacpp import MARKER, LlamaCpp  # noqa: E402
-from tinyllava.model import chat_prompt, default_projector_path, load_llava, stage2_paths  # noqa: E402
+from tinyllava.model import chat_prompt, load_llava  # noqa: E402
+from tinyllava.weights import default_projector_path, stage2_paths  # noqa: E402
 from tinyllava.projector import Projector  # noqa: E402
 from tinyllava.quant import GGMLType  # noqa: E402
 

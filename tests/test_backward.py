@@ -3,24 +3,10 @@ float64, and (for the real SmolLM2) gradients that transformers computes."""
 import numpy as np
 import pytest
 
-from conftest import load_npz
+from helpers import WEIGHT_NAMES, load_npz, real_example, tiny_llama
 from tinyllava import ops, projector
-from tinyllava.llama import Layer, Llama, LlamaConfig
 from tinyllava.ops import causal_mask
-from tinyllava.model import collate, pack
-
-
-def tiny_llama(seed=0, dtype=np.float64, **kw):
-    cfg = LlamaConfig(**{**dict(vocab_size=61, dim=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=40,
-                               rope_theta=10000.0, context_length=64), **kw})
-    rng = np.random.default_rng(seed)
-    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(dtype)  # noqa: E731
-    hd = cfg.head_dim
-    layers = [Layer(1 + r(cfg.dim), r(cfg.n_heads * hd, cfg.dim), r(cfg.n_kv_heads * hd, cfg.dim),
-                    r(cfg.n_kv_heads * hd, cfg.dim), r(cfg.dim, cfg.n_heads * hd), 1 + r(cfg.dim),
-                    r(cfg.ffn_dim, cfg.dim), r(cfg.ffn_dim, cfg.dim), r(cfg.dim, cfg.ffn_dim))
-              for _ in range(cfg.n_layers)]
-    return Llama(cfg, r(cfg.vocab_size, cfg.dim), layers, 1 + r(cfg.dim))
+from tinyllava.sequences import collate, pack
 
 
 def packed_example(model, seed, n_prefix=5, caption_lengths=(3, 4, 2)):
@@ -164,16 +150,6 @@ def test_decoder_and_projector_gradients_match_finite_differences(seed):
 
 
 # -- the real SmolLM2 --------------------------------------------------------------------------------------
-def real_example(model, tok):
-    """6 made-up image embeddings, then a caption: the gradient reaches the image positions through 30 blocks."""
-    rng = np.random.default_rng(0)
-    cap = tok.encode("A dog runs through the grass.") + [tok.eos_id]
-    prefix = (rng.standard_normal((6, model.cfg.dim)) * 0.05).astype(np.float32)
-    x = np.concatenate([prefix, model.embed(cap[:-1])])
-    at = np.arange(len(prefix) - 1, len(x))
-    return x, at, np.array(cap)
-
-
 def test_real_decoder_gradient_matches_saved_reference(decoder):
     model, tok = decoder
     ref = load_npz("gradient.npz")
@@ -210,7 +186,7 @@ def stage2_example(model, seed, n_feats=4, d_in=9):
 def torch_stage2_loss(model, proj, feats, prefix_ids, segs, leaves):
     """The same step in torch: [text | projector(features) | conversations], packed; leaves: {name: tensor}."""
     import torch
-    from tinyllava.model import pack
+    from tinyllava.sequences import pack
     from tinyllava.ops import gelu_tanh  # noqa: F401 (torch's tanh GELU is the same function)
     p = {k: leaves[f"proj.{k}"] for k in proj.params}
     f = torch.as_tensor(feats)
@@ -310,9 +286,6 @@ def test_weight_gradients_match_finite_differences(mode):
         params[k][...] = p0[k]
 
 
-WEIGHT_NAMES = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.3.attn_v.weight", "blk.15.ffn_gate.weight",
-                "blk.29.ffn_down.weight", "blk.29.attn_output.weight", "blk.7.attn_norm.weight",
-                "blk.20.ffn_norm.weight", "output_norm.weight", "token_embd.weight"]
 
 
 def test_real_decoder_weight_gradients_match_saved_reference(decoder):

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from test_backward import tiny_llama
+from helpers import tiny_llama
 from tinyllava.decoding import Sampling, beam_search, generate, greedy_decode, prefill
 from tinyllava.evaluate import caption_logprobs, chat_prompts, plain_prompts, retrieval
 from tinyllava.llama import KVCache
@@ -37,10 +37,16 @@ def test_retrieval_ranks():
     none = np.array([-1.0, -3.0, -9.5])
     r = retrieval(logp, none)
     assert r["r_at_1"] == 2 / 3       # caption 1 ranks image 2 above its own image 1
-    assert r["r_at_5"] == 1.0
     # PMI = logp - none: image 0 -> [0, -6, 0.5] (caption 2 wins: a miss), image 1 -> [-4, 0, 0.5] (a miss),
     # image 2 -> [-4, 1, 8.5] (its own caption wins)
     assert r["i2t_r_at_1"] == 1 / 3
+    # seven images: caption 0's own image ranks 6th (five score it higher), caption 1's 5th, the rest 1st
+    logp = np.full((7, 7), -9.0)
+    np.fill_diagonal(logp, -1.0)
+    logp[:6, 0], logp[0, 0] = -0.5, -1.0    # images 1-5 score caption 0 above image 0 (rank 6)
+    logp[2:6, 1] = -0.5                     # images 2-5 score caption 1 above image 1 (rank 5)
+    r = retrieval(logp, np.full(7, -5.0))
+    assert r["r_at_1"] == 5 / 7 and r["r_at_5"] == 6 / 7
 
 
 def test_cli_json(synthetic_data, tiny_decoder, tmp_path):
@@ -54,9 +60,18 @@ def test_cli_json(synthetic_data, tiny_decoder, tmp_path):
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
     out = run()
+    # the command's numbers are the library's on the same images and captions
+    from tinyllava.data import FeatureCache, load_examples
+    from tinyllava.evaluate import evaluate
+    from tinyllava.model import load_llava
+    from tinyllava.weights import vision_path
+    examples = load_examples(data)[:6]
+    feats = FeatureCache.for_examples(examples, vision_path(), cache=cache)
+    want = evaluate(load_llava(tmp_path / "p.gguf", tiny_decoder, tower=False), np.stack([feats[i] for i in range(6)]),
+                    [e.captions[0] for e in examples], 0, progress=False)
     for key in ("k", "r_at_1", "r_at_5", "i2t_r_at_1", "loss_image", "loss_shuffled", "loss_none"):
-        assert key in out
-    assert out["k"] == 6 and 0 <= out["r_at_1"] <= out["r_at_5"] <= 1 and len(out["samples"]) == 2
+        assert out[key] == pytest.approx(want[key], rel=1e-6), key
+    assert len(out["samples"]) == 2
     # the losses alone, from 2K scored captions: the same three numbers (each caption scored in another batch)
     fast = run("--no-retrieval")
     assert "r_at_1" not in fast and fast["samples"] == out["samples"]
@@ -132,29 +147,25 @@ def test_real_model_batched_captions_equal_one_at_a_time(synthetic_data):
     data, cache_dir = synthetic_data
     examples = load_examples(data)[:2]
     cache = FeatureCache.for_examples(examples, vision_path(), cache=cache_dir)
-    llava = load_llava(tower=False, load_matrix=fused.QuantMatrix.from_tensor if fused.ENGINE == "numba" else None)
+    llava = load_llava(tower=False, quantized=fused.ENGINE == "numba")
     tokens = [llava.projector.forward(cache[i]) for i in range(2)]
-    with one_numba_thread():
+    with one_thread():
         want = [llava.complete(x[None], Sampling(12))[1] for x in tokens]
         got = dict(greedy_decode(llava.decoder, plain_prompts(llava.decoder, tokens), 12, llava.tok.eos_id, batch=2))
     assert [got[0], got[1]] == want
 
 
 @contextmanager
-def one_numba_thread():
-    """Each fused product on one thread: the same numbers (rows are independent), and on a busy machine the 2 x
-    ~200 parallel loops per token would each wait for a descheduled thread (measured: 44 s instead of 4)."""
-    try:
-        import numba
-    except ImportError:
-        yield
-        return
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
+def one_thread():
+    """Each fused product on one thread: the same numbers (rows are independent), and on a busy machine the
+    parallel loops of every token would each wait for a descheduled thread."""
+    from tinyllava import runtime
+    before = runtime.THREADS
+    runtime.use_threads(1)
     try:
         yield
     finally:
-        numba.set_num_threads(n)
+        runtime.use_threads(before)
 
 
 def run_cli(*args):
@@ -170,17 +181,33 @@ def tiny_projector(tmp_path_factory):
     return path
 
 
-def test_cli_captions_json(synthetic_data, tiny_decoder, tiny_projector):
+def test_cli_captions_json(synthetic_data, tiny_decoder, tiny_projector, tmp_path):
     data, cache = synthetic_data
-    r = run_cli("--data", data, "--captions", "--limit", 5, "--batch", 2, "-n", 6, "--projector", tiny_projector,
-                "--model", tiny_decoder, "--cache", cache, "--json")
+    args = ("--captions", "--limit", 5, "--batch", 2, "-n", 6, "--projector", tiny_projector, "--model", tiny_decoder,
+            "--cache", cache, "--json")
+    r = run_cli("--data", data, *args)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "n", "seconds", "tokens", "samples"):
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "coverage", "chair_i", "n", "seconds", "tokens",
+                "samples"):
         assert key in out, key
     assert out["n"] == 5 and len(out["samples"]) == 5
-    assert all(0 <= out[k] <= 1 for k in ("bleu1", "bleu4", "rouge_l")) and out["cider"] >= 0
     assert set(out["samples"][0]) == {"image", "generated", "references"}
+    # the same images, their human captions now the captions just generated for three of them: the scores are the
+    # metrics' on exactly these five pairs (a random model's own captions against the synthetic ones score 0)
+    generated = [s["generated"] for s in out["samples"]]
+    references = [[g] for g in generated[:3]] + [["A red square on a green background."]] * 2
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": s["image"], "captions": refs}) + "\n"
+                                                  for s, refs in zip(out["samples"], references)))
+    r = run_cli("--data", tmp_path, *args)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    from tinyllava.data import clean_caption
+    from tinyllava.metrics import score_captions
+    want = score_captions(generated, [[clean_caption(c) for c in refs] for refs in references])
+    assert 0 < want["bleu1"] < 1 and want["cider"] > 0
+    for key in ("bleu1", "bleu4", "cider", "rouge_l"):
+        assert out[key] == pytest.approx(want[key], abs=1e-12), key
     r = run_cli("--data", data, "--captions", "--limit", 3, "--skip", 2, "--beams", 2, "-n", 4, "--prompt",
                 "Describe the image.", "--projector", tiny_projector, "--model", tiny_decoder, "--cache", cache)
     assert r.returncode == 0, r.stderr

@@ -10,9 +10,9 @@ from tinyllava.image import preprocess
 from tinyllava.ops import attention, gelu_tanh, layer_norm, quick_gelu
 from tinyllava.projector import Projector
 from tinyllava.quant import GGMLType
-from tinyllava.vit import VisionTower, patchify
+from tinyllava.vit import Clip, patchify
 
-from make_reference import synthetic_photo
+from helpers import synthetic_photo
 
 
 def llama_cpp_llava_graph(g, pixels):
@@ -41,7 +41,7 @@ def llama_cpp_llava_graph(g, pixels):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    tower = VisionTower.load(weights.vision_path())
+    tower = Clip.load(weights.vision_path())
     pixels = preprocess(synthetic_photo(7, (224, 224)))
     return tmp, tower, pixels, tower.features(pixels[None])[0]
 
@@ -102,7 +102,7 @@ def test_a_decoder_quantized_again_without_an_adapter_is_the_original_file(tmp_p
 
 
 def test_a_merged_decoder_runs_in_the_fused_path_as_the_adapter_did(tmp_path):
-    from conftest import write_tiny_decoder
+    from helpers import write_tiny_decoder
     from tinyllava import fused, lora
     from tinyllava.export import export_decoder
     from tinyllava.llama import Llama

@@ -22,9 +22,10 @@ import sys
 import numpy as np
 import pytest
 
-from tinyllava import decoding, fused, quant, weights
+from tinyllava import decoding, fused, quant, runtime, weights
 from tinyllava.decoding import Sampling, generate
 from tinyllava.gguf import GGUFFile
+from tinyllava.model import load_decoder
 from tinyllava.quant import GGMLType
 
 TOL = 1e-5
@@ -132,7 +133,7 @@ def test_unquantized_tensors_stay_arrays():
 
 @pytest.fixture(scope="module")
 def fused_decoder():
-    return fused.load_decoder()
+    return load_decoder(quantized=True)
 
 
 def test_decoder_logits_and_greedy_tokens(decoder, fused_decoder):
@@ -177,22 +178,22 @@ def test_decoder_numpy_fallback(decoder, fused_decoder, monkeypatch):
 
 def test_vision_block(tensors):
     """One CLIP block with fused Q8_0 matrices against the same block with float32 ones (197 rows: sgemm)."""
-    from tinyllava.vit import ClipConfig, VisionTower, clip_block
+    from tinyllava.vit import Clip, ClipConfig, block
     path = weights.vision_path()
-    fused_tower = VisionTower.load(path, load_matrix=fused.QuantMatrix.from_tensor)
+    fused_tower = Clip.load(path, load_matrix=fused.QuantMatrix.from_tensor)
     layer = fused_tower.layers[3]
     plain = type(layer)(**{k: (v.dequantize() if isinstance(v, fused.QuantMatrix) else v)
                            for k, v in vars(layer).items()})
     x = np.random.default_rng(0).standard_normal((1, 197, 768)).astype(np.float32)
-    a, b = clip_block(x, layer, ClipConfig()), clip_block(x, plain, ClipConfig())
+    a, b = block(x, layer, ClipConfig()), block(x, plain, ClipConfig())
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 VECTOR_CODE = """
 import json, re, numpy as np
-from tinyllava import fused
+from tinyllava import fused, runtime
 from tinyllava.quant import GGMLType
-fused.set_threads(1)
+runtime.use_threads(1)
 for t in (GGMLType.Q4_1, GGMLType.Q8_0):  # the decoder's two kinds, through the one-thread product
     w = np.random.default_rng(1).standard_normal((64, 576)).astype(np.float32)
     fused.QuantMatrix.quantize(w, t).matmul(np.ones((1, 576), np.float32))
@@ -227,7 +228,7 @@ def test_the_products_compile_to_vector_code(cpu, tmp_path):
 
 OLD_X86 = """
 import numba, numpy as np
-from tinyllava import fused, quant
+from tinyllava import fused, quant, runtime
 from tinyllava.quant import GGMLType
 assert not fused.NATIVE_F16  # the integer path is the one compiled here
 
@@ -243,7 +244,7 @@ out, want = np.empty(2 ** 16, np.float32), h.view(np.float16).astype(np.float32)
 widen(h.view(np.uint8), out)
 nan = np.isnan(want)
 assert np.array_equal(np.isnan(out), nan) and np.array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))
-fused.set_threads(1)
+runtime.use_threads(1)
 x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
 for t in (GGMLType.Q4_1, GGMLType.Q8_0):
     m = fused.QuantMatrix.quantize(np.random.default_rng(1).standard_normal((64, 576)).astype(np.float32), t)
@@ -262,34 +263,6 @@ def test_an_x86_without_f16c_widens_float16_exactly(tmp_path):
     assert run_compiled(OLD_X86, tmp_path, NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="+sse2").strip() == "ok"
 
 
-def test_compile_watch_times_compiling_once_nested_and_not_cached_code():
-    """generate says when numba compiles (the first run on a machine) and counts that time apart from the answer's."""
-    calls = []
-    watch = fused.CompileWatch(lambda: calls.append("first"))
-    inner = fused.numba.njit(lambda x: x + 1)      # new functions, not cached: they compile at their first call
-    outer = fused.numba.njit(lambda x: inner(x) * 2)  # compiling it compiles inner inside: one outermost compile
-    assert outer(1) == 4 and calls == ["first"] and watch.seconds > 0
-    once = watch.seconds
-    assert outer(2) == 6 and watch.seconds == once  # compiled already: nothing to time
-    assert inner(0.5) == 1.5 and watch.seconds > once and calls == ["first"]  # a new type compiles; said once
-    watch.close()
-    total = watch.seconds
-    assert fused.numba.njit(lambda x: x - 1)(1) == 0 and watch.seconds == total  # closed: no longer counting
-
-
-def test_set_threads_reaches_numba_and_openblas():
-    """generate runs on the idle cores: fused.set_threads sets numba's threads and those of NumPy's OpenBLAS."""
-    names = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")
-    get = [getattr(lib, n) for lib in fused.blas_libraries() for n in names if hasattr(lib, n)]
-    before = fused.numba.get_num_threads()
-    try:
-        fused.set_threads(1)
-        assert fused.numba.get_num_threads() == fused.THREADS == 1 and get and all(g() == 1 for g in get)
-    finally:
-        fused.set_threads(before)
-    assert fused.numba.get_num_threads() == fused.THREADS == before and all(g() == before for g in get)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_compiled_step_against_the_blocks(threads):
     """The one-token step of fused_llama.py (all blocks in one compiled call) against Llama's blocks on the same
@@ -299,13 +272,13 @@ def test_compiled_step_against_the_blocks(threads):
     from tinyllava.errors import TinyLlavaError
     from tinyllava.fused_llama import FusedLlama
     from tinyllava.llama import KVCache, Llama
-    model, tok = fused.load_decoder()                                 # its own: the adapter stays in this test
+    model, tok = load_decoder(quantized=True)                         # its own: the adapter stays in this test
     blocks = Llama(model.cfg, model.embedding, model.layers, model.norm)        # the same weights, Llama's path
     assert isinstance(model, FusedLlama) and not isinstance(blocks, FusedLlama)
     ids = tok.encode(tok.chat([{"role": "user", "content": "Why is the sky blue?"}]))
-    before = fused.THREADS
+    before = runtime.THREADS
     try:
-        fused.set_threads(threads)
+        runtime.use_threads(threads)
         for adapted in (False, True):
             if adapted:
                 lora.attach(model, rank=4)                                # every linear of every block
@@ -331,4 +304,4 @@ def test_compiled_step_against_the_blocks(threads):
         with pytest.raises(TinyLlavaError, match="do not fit"):                   # Llama's error, not a crash
             model.forward(model.embed([[ids[1]]]), full)
     finally:
-        fused.set_threads(before)
+        runtime.use_threads(before)

@@ -8,10 +8,11 @@ CI runs a bounded number of examples (seconds). The longer run (documented in th
     TINYLLAVA_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz.py -p no:randomly
 """
 import os
-import resource
 import struct
+import tracemalloc
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,13 +88,11 @@ def mutate(raw, ops):
     return bytes(raw)
 
 
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def fuzz(raw, path, parse):
-    """parse(path) on many mutations of raw: only TinyLlavaError may come out, and memory must stay put."""
-    start = peak_rss_mb()
+def fuzz(raw, path, parse, budget_mb=200):
+    """parse(path) on many mutations of raw: only TinyLlavaError may come out, and no mutation may make the parser
+    allocate more than budget_mb at once (tracemalloc's peak over the run: NumPy's arrays count, this process's
+    earlier peaks do not)."""
+    tracemalloc.start()
 
     @FUZZ
     @given(MUTATIONS)
@@ -104,8 +103,12 @@ def fuzz(raw, path, parse):
         except TinyLlavaError:
             pass
 
-    run()
-    assert peak_rss_mb() - start < 200, "a mutated file made the parser allocate what it claimed"
+    try:
+        run()
+        peak = tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+    assert peak < budget_mb, f"a mutated file made the parser allocate {peak:.0f} MB: what the file claimed"
 
 
 def read_gguf_fully(path):
@@ -126,3 +129,8 @@ def test_onnx_import_survives_mutations(tmp_path_factory):
     assert nodes[0].op_type == "MatMulInteger" and inits["W_quantized"].shape == (2, 4)
     assert inits["W_zero_point"].tolist() == [0, 0, 0, -1]
     fuzz(raw, tmp / "m.onnx", onnx.load)
+
+
+def test_the_memory_check_catches_a_parser_that_allocates_what_a_file_claims(tmp_path):
+    with pytest.raises(AssertionError, match="allocate"):
+        fuzz(b"x" * 64, tmp_path / "m", lambda p: np.ones(1_000_000), budget_mb=5)  # 8 MB each time

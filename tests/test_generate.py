@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import load_json
+from helpers import load_json
 from tinyllava.decoding import Sampling, generate, sample
 from tinyllava.model import Chat, Llava
 

@@ -1,17 +1,14 @@
 """Preprocessing against transformers' CLIPImageProcessor, and every kind of picture a user may pass."""
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_npz
-from make_reference import synthetic_photo, to_levels, vision_inputs
+from helpers import FLICKR, load_npz, synthetic_photo, to_levels, vision_inputs
 from tinyllava.errors import TinyLlavaError
 from tinyllava.image import MEAN_RGB, open_image, pad_to_square, preprocess
 
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "images"
 
 
 def test_matches_saved_reference_within_one_level():

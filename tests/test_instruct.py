@@ -6,7 +6,7 @@ import pytest
 
 from tinyllava import instruct
 from tinyllava.errors import TinyLlavaError
-from tinyllava.model import conversation_ids, pack
+from tinyllava.sequences import conversation_ids, pack
 
 DOG = ["A black dog is running on the beach .", "A black dog runs along the shore .",
        "A dog is running in the sand near the water .", "The black dog is running on the beach .",

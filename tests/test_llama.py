@@ -9,8 +9,7 @@ weight could hide below it: so each position is also held to 2e-5 x its own RMS 
 """
 import numpy as np
 
-from conftest import load_npz
-from make_reference import DECODER_PROMPT
+from helpers import DECODER_PROMPT, load_npz
 from tinyllava.llama import KVCache
 
 REL_TOL = 1e-5

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from test_backward import tiny_llama
+from helpers import tiny_llama
 from tinyllava import fused, lora, quant
 from tinyllava.errors import TinyLlavaError
 from tinyllava.gguf import GGUFFile, write_gguf

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from test_train import steps_logged
+from helpers import steps_logged
 from tinyllava.train import load_checkpoint
 
 MPIEXEC = shutil.which("mpiexec")
@@ -38,7 +38,7 @@ def test_two_ranks_train_the_weights_of_one_process(synthetic_data, tiny_decoder
     data, cache = synthetic_data
     extra = []
     if stage == 2:
-        from test_train import instructions_in, stage2_projector
+        from helpers import instructions_in, stage2_projector
         data = instructions_in(synthetic_data, tmp_path) / "train.json"
         extra = ["--stage", "2", "--init", stage2_projector(tiny_decoder, tmp_path), "--lora-rank", "2"]
     for ranks in (1, 2):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tinyllava import fused
 from tinyllava.decoding import Sampling, generate
 from tinyllava.generate import CAPTION_REQUEST
 from tinyllava.image import preprocess
-from tinyllava.model import Chat, load_llava, stage2_paths
+from tinyllava.model import Chat, load_llava
+from tinyllava.weights import stage2_paths
 from tinyllava.weights import demo_photos
 
 QUESTIONS = ["Is there a person in the image? Answer yes or no.", "What is happening in this image?"]
@@ -40,8 +40,7 @@ def test_the_committed_files_are_there():
 @pytest.mark.parametrize("engine", ["float32", "fused"])
 def test_answers_equal_transformers_with_the_adapters_merged(engine, photo, reference):
     projector, adapter = stage2_paths()
-    load_matrix = fused.QuantMatrix.from_tensor if engine == "fused" else None
-    llava = load_llava(projector, adapter=adapter, load_matrix=load_matrix)
+    llava = load_llava(projector, adapter=adapter, quantized=engine == "fused")
     _, prompts = image_and_prompts(llava, photo)
     merged = reference.with_adapters(llava.decoder)
     for x in prompts:
@@ -59,8 +58,8 @@ def test_generate_answers_about_an_image_with_stage2_unless_told(photo):
         return r.stdout.strip()
 
     projector, adapter = stage2_paths()
-    stage2 = load_llava(projector, adapter=adapter, load_matrix=fused.QuantMatrix.from_tensor)
-    stage1 = load_llava(load_matrix=fused.QuantMatrix.from_tensor)
+    stage2 = load_llava(projector, adapter=adapter, quantized=True)
+    stage1 = load_llava(quantized=True)
     (tokens2, _), (tokens1, _) = image_and_prompts(stage2, photo), image_and_prompts(stage1, photo)
     assert cli("-p", QUESTIONS[0]) == stage2.answer(QUESTIONS[0], [tokens2]).strip()
     assert cli("-p", QUESTIONS[0], "--stage", "1") == stage1.answer(QUESTIONS[0], [tokens1]).strip()

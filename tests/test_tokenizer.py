@@ -1,8 +1,7 @@
 """The tokenizer, id for id against SmolLM2's tokenizer (transformers on the same GGUF; see reference_impl)."""
 import pytest
 
-from conftest import load_json
-from make_reference import tokenizer_strings
+from helpers import load_json, tokenizer_strings
 from tinyllava.tokenizer import pre_tokenize
 
 

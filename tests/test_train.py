@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import instructions_in, stage2_projector, steps_logged
 from tinyllava.errors import TinyLlavaError
 from tinyllava.gguf import GGUFError, GGUFFile
 from tinyllava.instruct import SYSTEM
@@ -58,11 +59,6 @@ def train_cmd(data, cache, out, model):
     return [sys.executable, "-m", "tinyllava.train", "--data", str(data), "--cache", str(cache), "--out", str(out),
             "--model", str(model), "--batch", "4", "--steps", "100", "--checkpoint-every", "1", "--eval-every", "10",
             "--dev-images", "2", "--captions", "1", "--seed", "3"]
-
-
-def steps_logged(run):
-    log = run / "log.jsonl"
-    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def test_sigkill_at_random_points_then_resume_gives_identical_weights(synthetic_data, tiny_decoder, tmp_path):
@@ -119,25 +115,9 @@ def test_corrupt_or_truncated_checkpoint_is_refused(synthetic_data, tiny_decoder
 
 
 # -- stage 2 -----------------------------------------------------------------------------------------------
-def instructions_in(synthetic_data, out):
-    """Instruction JSON files (train and dev) made from the synthetic captions by instruct.py's generators."""
-    from tinyllava import instruct
-    from tinyllava.data import load_examples
-    data, _ = synthetic_data
-    for split in ("train", "dev"):
-        convs = instruct.build_from_pairs(load_examples(data, split=split))
-        instruct.write_conversations(out / f"{split}.json", convs, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def instructions(synthetic_data, tmp_path_factory):
     return instructions_in(synthetic_data, tmp_path_factory.mktemp("instruct"))
-
-
-def stage2_projector(model, folder):  # a (random) projector that fits the tiny decoder, as a file
-    from tinyllava.llama import Llama
-    return Projector.init("mlp2x_gelu", 768, Llama.load(model).cfg.dim, seed=1).save(folder / "p.gguf")
 
 
 def stage2_args(instructions, cache, out, model, **extra):

@@ -8,20 +8,19 @@ which is the real proof that every operation is the same one.
 import numpy as np
 import pytest
 
-from conftest import load_npz
-from make_reference import VISION_TOKENS, synthetic_photo
+from helpers import FLICKR, VISION_TOKENS, load_npz, synthetic_photo
 from tinyllava import onnx, weights
 from tinyllava.convert import onnx_matrices
 from tinyllava.gguf import GGUFFile
 from tinyllava.image import preprocess
-from tinyllava.vit import VisionTower
+from tinyllava.vit import Clip
 
 REL_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def tower():
-    return VisionTower.load(weights.vision_path())
+    return Clip.load(weights.vision_path())
 
 
 def rel_err(a, b):
@@ -57,7 +56,6 @@ def test_llava_features_are_block_11_without_the_class_token(tower):
 
 
 def live_images():
-    from test_image import FLICKR
     if FLICKR.is_dir():
         from tinyllava.image import open_image
         return [open_image(p) for p in sorted(FLICKR.glob("*.jpg"))[100:103]]
@@ -84,7 +82,7 @@ def as_float64(tower):
 
 def test_float64_agrees_to_1e_8(reference):
     import torch
-    tower = as_float64(VisionTower.load(weights.vision_path()))
+    tower = as_float64(Clip.load(weights.vision_path()))
     x = preprocess(live_images()[0])[None].astype(np.float64)
     model = reference.vision_tower().double()
     try:
