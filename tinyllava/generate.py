@@ -5,15 +5,12 @@
 Only the answer goes to stdout (streamed as it is decoded); diagnostics go to stderr.
 """
 import argparse
-import os
 import sys
 import time
 
 from .decoding import Sampling
 from .errors import TinyLlavaError, cli_errors
-from .instruct import BRIEF
-
-CAPTION_REQUEST = BRIEF[0]  # "Describe the image concisely.": the stage-2 model's best captions (README)
+from .options import CAPTION_REQUEST, add_model_options, matrix_loader, model_files, thread_count
 
 
 def check_text(text, what="the prompt"):
@@ -41,25 +38,6 @@ def write(text):
     sys.stdout.flush()
 
 
-def idle_cores():
-    """The cores other programs leave free, at least one: all of them less the threads running right now in
-    other processes (Linux's /proc; elsewhere the 1-minute load average). Each token runs ~150 parallel loops,
-    each waiting for its slowest thread: a thread that shares its core with a busy program makes decoding several
-    times slower than one thread alone (measured in the README)."""
-    cores = os.cpu_count() or 1
-    try:
-        with open("/proc/loadavg") as f:
-            running = int(f.read().split()[3].split("/")[0])    # "running/total" tasks of the machine
-        mine = 0                                                # this process's own (BLAS threads may spin)
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/stat") as f:
-                mine += f.read().rsplit(")", 1)[1].split()[0] == "R"
-        busy = running - mine
-    except (OSError, ValueError, IndexError):
-        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cores, cores - busy))
-
-
 def parser():
     ap = argparse.ArgumentParser(
         prog="python -m tinyllava.generate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,22 +54,11 @@ def parser():
     ap.add_argument("--chat", action="store_true", help="a conversation: read more turns from stdin")
     ap.add_argument("-sys", "--system-prompt", help="system message (default: the model's own)")
     ap.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens to generate per answer (256)")
-    ap.add_argument("-t", "--threads", type=int, help="threads for the products (default: the cores that other "
-                    "programs leave idle when it starts)")
     ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     ap.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling")
-    ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--stage", type=int, choices=[1, 2],
-                    help="which committed model: 2, tuned on instructions (the default when weights/stage2-*.gguf "
-                         "are there), or 1, the projector aligned on captions alone")
-    ap.add_argument("--projector", help="projector GGUF (default: the --stage model's)")
-    ap.add_argument("--adapter", help="stage-2 LoRA adapter GGUF (default: the --stage 2 model's)")
-    ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
-    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                    help="keep the weights quantized and dequantize inside each product (tinyllava/fused.py; "
-                         "the default when numba is installed); --no-fused: float32 weights, dequantized at load")
+    add_model_options(ap)  # -m, --stage, --projector, --adapter, --crop, --fused, -t (options.py)
     ap.add_argument("--trace", action="store_true",
                     help="print every stage to stderr: preprocessing, ViT blocks, projector, the prompt with the "
                          "image in place, prefill block by block, each decode step's top candidates")
@@ -103,7 +70,7 @@ def main(argv=None):
     with cli_errors("tinyllava.generate"):
         from . import fused, trace
         from .image import preprocess
-        from .model import IMAGE, Chat, Llava, load_decoder, load_llava, stage2_paths
+        from .model import IMAGE, Chat, Llava, load_decoder, load_llava
         sampling = Sampling(args.n_predict, args.temp, args.top_k, args.top_p, args.seed).check()
         if args.prompt is not None:
             check_text(args.prompt)
@@ -111,11 +78,8 @@ def main(argv=None):
         compiling = fused.CompileWatch(lambda: print("(first run: numba is compiling the fused loops for this CPU; "
                                                      "they are cached for later runs)", file=sys.stderr, flush=True))
         fused.keep_freed_memory()
-        use_fused = args.fused if args.fused is not None else fused.ENGINE == "numba"
-        load_matrix = fused.QuantMatrix.from_tensor if use_fused else None
-        if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
-            raise TinyLlavaError(f"--threads must be between 1 and the {os.cpu_count()} cores")
-        fused.set_threads(args.threads or idle_cores())
+        load_matrix = matrix_loader(args.fused)
+        fused.set_threads(thread_count(args.threads))
         images = args.image or []
         captions = args.prompt is None and not args.chat
         if not images and captions:  # no arguments: a demo photo
@@ -123,10 +87,7 @@ def main(argv=None):
             images = [demo_photos()["astronaut.png"]]  # a person: Flickr8k's domain (see README)
             print(f"(no --image given: captioning the demo photo {images[0]})", file=sys.stderr)
         pixels = [preprocess(p, pad=not args.crop) for p in images]  # bad images fail before anything loads
-        projector, adapter = args.projector, args.adapter
-        stage = args.stage or (2 if images and all(p.exists() for p in stage2_paths()) else 1)
-        if stage == 2 and not projector and not adapter:  # (text alone: SmolLM2 itself, unless asked)
-            projector, adapter = stage2_paths()
+        projector, adapter = model_files(args.stage, args.projector, args.adapter, images=bool(images))
         if images:
             llava = load_llava(projector, args.model, load_matrix=load_matrix, adapter=adapter)
             tokens = [trace.image_tokens(llava, p, pad=not args.crop) if args.trace else
