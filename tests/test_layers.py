@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tinyllava"
-APPLICATIONS = {"generate", "train", "evaluate", "bench", "bench_train", "export", "trace", "llamacpp"}
+APPLICATIONS = {"generate", "train", "evaluate", "bench", "bench_train", "export", "trace", "llamacpp", "serve",
+                "bench_serve"}
 # application -> the applications it may use, and why
 USES = {"generate": {"trace"},        # --trace prints through trace.py
         "bench": {"llamacpp", "export"},  # the llama.cpp column: llamacpp.py drives it on an exported mmproj
