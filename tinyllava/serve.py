@@ -98,7 +98,7 @@ class ChatRequest:
     history: list = field(default_factory=list)   # the turns before the question, {"role", "content"}
     question: str = ""                # the last user message, <image> where its images stand
     images: list = field(default_factory=list)    # the image URLs, in the order of their <image> markers
-    max_tokens: int = None            # None: up to the context
+    max_tokens: int = None            # None: --max-tokens, or what the context leaves if less
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -266,7 +266,7 @@ def decode_image(data, param, limits, pad):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.format not in IMAGE_FORMATS.values():
+            if img.format not in (*IMAGE_FORMATS.values(), "MPO"):    # MPO: a phone camera's JPEG
                 raise bad(f"the data is a {img.format} image; this server reads PNG, JPEG and WebP", param,
                           "invalid_image")
             if img.width * img.height > limits.max_pixels:
@@ -405,6 +405,8 @@ class Engine:
         if job.cancelled.is_set():
             raise Cancelled
         images = [self.image_tokens(k, px) for k, px in zip(job.keys, job.pixels)]
+        if job.cancelled.is_set():    # (the vision tower takes seconds: the client may have left meanwhile)
+            raise Cancelled
         # the markers are in the messages already (n_images=0): where the client put its images
         text = chat_prompt(llava.tok, r.question, 0, r.system or llava.system, r.history)
         x, _ = llava.embed(text, images)                                      # [1, T, d]
@@ -572,19 +574,26 @@ class Handler(BaseHTTPRequestHandler):
                         ", --max-body)", None, "request_too_large")
 
     def start_stream(self):
+        self.chunked = self.request_version != "HTTP/1.0"   # HTTP/1.0 (nginx's proxy_pass): ended by closing
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Accel-Buffering", "no")          # a proxy passes each event on as it comes
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.streaming = True
 
     def send_event(self, obj):  # one server-sent event, as one HTTP chunk
         data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
     def end_stream(self):
-        self.wfile.write(b"0\r\n\r\n")
+        if self.chunked:
+            self.wfile.write(b"0\r\n\r\n")
         self.streaming = False
 
     # the client's side of the connection
