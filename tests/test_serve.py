@@ -321,10 +321,16 @@ def test_the_server_goes_on_after_the_bad_requests(server, client, llava):
     assert r.choices[0].message.content == library(llava, "Say hello.")
 
 
-def test_an_api_key_is_required_when_set(llava):
-    """--api-key, on a second server in this process (the same classes main() puts together)."""
-    server = Server(("127.0.0.1", 0), Limits(), api_key="sesame", engine=Engine(llava, fused.THREADS))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_an_api_key_and_remote_images_when_asked_for(llava):
+    """--api-key and --allow-remote-images, on a second server in this process (the classes main() puts together);
+    the remote image comes from a file server on the loopback address."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler,
+                                                                    directory=photo("chelsea.png").parent))
+    server = Server(("127.0.0.1", 0), Limits(allow_remote=True), api_key="sesame", engine=Engine(llava, fused.THREADS))
+    for s in (files, server):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     try:
         with pytest.raises(openai.AuthenticationError) as e:
@@ -332,13 +338,21 @@ def test_an_api_key_is_required_when_set(llava):
         check_error(401, {"error": e.value.body}, 401, "invalid_api_key")
         no_key = SimpleNamespace(port=server.server_address[1])
         check_error(*raw(no_key, post(b'{"messages": [{"role": "user", "content": "Hi"}]}')), 401, "invalid_api_key")
-        ok = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
+        ok = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0, timeout=300)
         assert [m.id for m in ok.models.list().data] == ["tinyllava"]
-        r = ok.chat.completions.create(model="tinyllava", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
-        assert r.choices[0].message.content == library(llava, "Hi", n=3)
+        question, there = "What animal is in the picture?", f"http://127.0.0.1:{files.server_address[1]}/"
+        r = ok.chat.completions.create(model="tinyllava", max_tokens=N, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": there + "chelsea.png"}}, {"type": "text", "text": question}]}])
+        assert r.choices[0].message.content == library(llava, question, photo("chelsea.png"))
+        with pytest.raises(openai.BadRequestError) as e:
+            ok.chat.completions.create(model="tinyllava", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": there + "no-such.png"}}]}])
+        check_error(400, {"error": e.value.body}, 400, "invalid_image")
+        assert "404" in e.value.body["message"]
     finally:
-        server.shutdown()
-        server.server_close()
+        for s in (files, server):
+            s.shutdown()
+            s.server_close()
 
 
 # -- several clients at once ------------------------------------------------------------------------------------------
