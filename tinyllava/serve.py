@@ -559,6 +559,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):  # http.server's own (a bad request line, ...)
         self.body_read, self.streaming, self.close_connection = False, False, True
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method it has no do_ for: the client's mistake, 405
+            code, message = 405, f"the method {self.command[:20]!r} is not served here: GET or POST"
         self.send_api_error(APIError(code, message or HTTPStatus(code).phrase))
 
     def handle_expect_100(self):  # curl asks before it sends a large body: a body too large is refused unsent
