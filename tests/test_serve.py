@@ -391,6 +391,7 @@ def test_an_api_key_and_remote_images_when_asked_for(llava, library):
         for s in (files, server):
             s.shutdown()
             s.server_close()
+        server.engine.close()
 
 
 # -- several clients at once ------------------------------------------------------------------------------------------

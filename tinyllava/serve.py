@@ -360,10 +360,15 @@ class Engine:
                 self.waiting.remove(job)
                 self.cancelled += 1
 
+    def close(self):  # the model's thread ends once the queue is empty (a server in a test, say)
+        with self.cond:
+            self.waiting.append(None)
+            self.cond.notify()
+
     def status(self):
         with self.cond:
-            return {"status": "ok", "running": int(self.running is not None), "waiting": len(self.waiting),
-                    "cancelled": self.cancelled}
+            return {"status": "ok", "running": int(self.running is not None),
+                    "waiting": sum(job is not None for job in self.waiting), "cancelled": self.cancelled}
 
     def work(self):
         from . import fused
@@ -373,6 +378,8 @@ class Engine:
                 while not self.waiting:
                     self.cond.wait()
                 job = self.running = self.waiting.popleft()
+            if job is None:
+                return
             try:
                 self.answer(job)
             except Cancelled:
