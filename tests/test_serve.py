@@ -338,6 +338,8 @@ BAD_HTTP = [  # (what, raw request, status, code)
     ("no Content-Length", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                           b"\r\nConnection: close\r\n\r\n", 411, "length_required"),
     ("another site's Host (DNS rebinding)", post(b'{"messages": []}', host="evil.example:8080"), 400, "invalid_host"),
+    ("a Host that only starts like 127.", post(b'{"messages": []}', host="127.0.0.1.evil.example"), 400,
+     "invalid_host"),
     ("an unknown path", b"GET /v1/engines HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", 404, "not_found"),
     ("GET on the chat API", b"GET /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
      405, None),

@@ -28,6 +28,7 @@ import binascii
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import os
 import queue
@@ -60,7 +61,6 @@ IMAGE_CACHE = 32          # images whose tokens are kept ([196, 576] float32: 0.
 MAX_CONNECTIONS = 64      # open connections; beyond, 503 at once (each is a thread)
 SOCKET_TIMEOUT = 30       # seconds a connection may sit silent while sending a request, or not read its answer
 POLL = 0.2                # seconds between looks at whether a waiting client is still there
-LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
 # -- errors in OpenAI's shape --------------------------------------------------------------------------------
@@ -451,6 +451,13 @@ class Engine:
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------------
+def loopback(name):  # "localhost", or an address of this machine's loopback (127.0.0.0/8, ::1)
+    try:
+        return name.lower() == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:   # a name, such as 127.0.0.1.example.com
+        return False
+
+
 def page():  # the chat page, from the package's files
     return resources.files("tinyllava").joinpath("chat.html").read_bytes()
 
@@ -461,7 +468,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, limits, api_key=None, engine=None):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.engine, self.limits, self.api_key = engine, limits, api_key   # the engine may come after binding
-        self.loopback = address[0] in LOOPBACK or address[0].startswith("127.")
+        self.loopback = loopback(address[0])
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Handler)
 
@@ -534,7 +541,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         host = self.headers.get("Host", "")
         name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-        if name.lower() not in LOOPBACK and not name.startswith("127."):
+        if not loopback(name):
             raise bad(f"the Host header '{host[:60]}' is not this server's loopback address", None, "invalid_host")
 
     def check_key(self):
