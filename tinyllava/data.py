@@ -597,6 +597,7 @@ def main(argv=None):
     c.add_argument("--data", required=True,
                    help="folder with pairs.jsonl, an img2dataset folder, or a LLaVA pretrain JSON; A,B for several")
     c.add_argument("--images", help="image folder of a LLaVA JSON")
+    c.add_argument("--split", help="only this split of a pairs.jsonl folder (e.g. test)")
     c.add_argument("--cache", help=f"cache folder (default {CACHE_DIR / 'features'})")
     c.add_argument("--crop", action="store_true", help="centre-crop instead of padding to a square")
     c.add_argument("--on-error", choices=["stop", "skip"], default="stop")
@@ -615,7 +616,7 @@ def main(argv=None):
             else:
                 from .model import load_tower
                 from .weights import vision_path
-                examples = load_examples(args.data, args.images, on_error=args.on_error)
+                examples = load_examples(args.data, args.images, split=args.split, on_error=args.on_error)
                 cache = FeatureCache.for_examples(examples, vision_path(), pad=not args.crop, cache=args.cache)
                 cache.fill(load_tower(), on_error=args.on_error)
                 print(cache.folder)

@@ -174,9 +174,11 @@ def load_decoder(path=None, quantized=False):
 
 def load_tower(quantized=False):
     """The CLIP vision tower (converted from the fetched ONNX on first use); quantized=True keeps its matrices in
-    Q8_0 blocks, dequantized inside each product."""
+    Q8_0 blocks, dequantized inside each product. The products' threads are decided here too (runtime.threads)."""
+    from . import runtime
     from .vit import Clip
     from .weights import vision_path
+    runtime.threads()
     if quantized:
         from .fused import QuantMatrix
         return Clip.load(vision_path(), load_matrix=QuantMatrix.from_tensor)
