@@ -167,3 +167,16 @@ def test_stage2_resume_after_sigkill_is_exact(synthetic_data, instructions, tiny
     assert a[1].keys() == b[1].keys() and any(k.endswith(".lora_a") or k.startswith("blk.") for k in a[1])
     for k in a[1]:
         assert np.array_equal(a[1][k], b[1][k]) and np.array_equal(a[3][k], b[3][k]), k
+
+
+def test_stage2_with_stage1_skipped_starts_from_a_new_random_projector(synthetic_data, instructions, tiny_decoder,
+                                                                         tmp_path):
+    """--init none: the paper's ablation. With a rate too small to move a float32 weight, the saved projector is
+    the one Projector.init makes from the run's seed, not the file stage 2 would start from by default."""
+    from tinyllava.llama import Llama
+    _, cache = synthetic_data
+    train(stage2_args(instructions, cache, tmp_path / "run", tiny_decoder, steps=1, lr=1e-30, init="none", seed=3),
+          log=lambda s: None)
+    saved = Projector.load(tmp_path / "run" / "projector.gguf").params
+    fresh = Projector.init("mlp2x_gelu", 768, Llama.load(tiny_decoder).cfg.dim, seed=3).params
+    assert all(np.array_equal(saved[k], fresh[k]) for k in fresh)

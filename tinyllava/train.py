@@ -74,7 +74,8 @@ class TrainConfig:
     checkpoint_every: int = option(20, "steps between checkpoints")
     eval_every: int = option(50, "steps between dev losses")
     fresh: bool = option(False, "ignore an existing checkpoint in --out")
-    init: str = option(None, "start from this projector GGUF (stage 2 default: weights/projector.gguf)")
+    init: str = option(None, "start from this projector GGUF (stage 2 default: weights/projector.gguf; 'none': a "
+                             "new random projector, as stage 2 with stage 1 skipped)")
     init_adapter: str = option(None, "stage 2: go on training this LoRA GGUF (with --init, the projector trained "
                                      "with it) instead of new adapters")
     cache: str = option(None, "feature cache folder")
@@ -340,6 +341,7 @@ def train(cfg, log=print, world=None):
     ckpt, log_path = out / "checkpoint.gguf", out / "log.jsonl"
 
     init = cfg.init or (default_projector_path() if cfg.stage == 2 else None)
+    init = None if init == "none" else init           # stage 2 with stage 1 skipped: the paper's ablation
     proj = Projector.load(init) if init else \
         Projector.init(cfg.projector, cache.shape[-1], decoder.cfg.dim, seed=cfg.seed)
     if proj.kind != cfg.projector or proj.d_out != decoder.cfg.dim:
