@@ -168,6 +168,13 @@ def QUANTIZE_ROWS():  # rows of several kinds that quantizers round differently 
     }.items()}
 
 
+def float32_copy(src, dst):  # a decoder GGUF -> the same with every tensor dequantized to float32 (what
+    from tinyllava.gguf import GGUFFile, write_gguf  # llama-quantize is given to make a Q4_K_M of it)
+    g = GGUFFile(src)
+    return write_gguf(dst, {**g.metadata, "general.file_type": 0}, {name: t.numpy() for name, t in g.tensors.items()},
+                      types=g.types)
+
+
 def tiny_llama(seed=0, dtype=np.float64, **kw):
     cfg = LlamaConfig(**{**dict(vocab_size=61, dim=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=40,
                                rope_theta=10000.0, context_length=64), **kw})

@@ -98,34 +98,6 @@ def make_weight_gradient():
 
 
 # -- llama.cpp's quantizers --------------------------------------------------------------------------------
-def ggml_base():
-    """llama.cpp's libggml-base as llama-cpp-python ships it: ggml_quantize_chunk, which without an importance
-    matrix runs ggml's reference quantizers (quantize_row_q4_K_ref, ...), the ones llama-quantize runs."""
-    import ctypes
-
-    import llama_cpp
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return lib
-
-
-def llama_cpp_quantize(lib, x, qtype):  # float32 [rows, n] -> llama.cpp's blocks [rows, bytes per row]
-    from tinyllava import quant
-    x = np.ascontiguousarray(x, np.float32)
-    out = np.zeros((x.shape[0], quant.nbytes(qtype, x.shape[1:])), np.uint8)
-    lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
-    return out
-
-
-def llama_quantize(src, dst, ftype):  # llama.cpp's `llama-quantize src dst FTYPE` (llama_model_quantize)
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
-
-
 def tensor_digests(path):  # {name: [type name, sha256 of its bytes]}
     import hashlib
 
@@ -140,25 +112,21 @@ def make_quantize():
     as tinyllava dequantizes them, and the small random decoder of tests/helpers.py that test_export quantizes."""
     import tempfile
 
-    from helpers import QUANTIZE_ROWS, TINY_K_DECODER, write_tiny_decoder
-    from tinyllava.gguf import GGUFFile, write_gguf
+    from helpers import QUANTIZE_ROWS, TINY_K_DECODER, float32_copy, write_tiny_decoder
+    from tinyllava.llamacpp import quantize_file, quantize_rows
     from tinyllava.quant import GGMLType
-    lib = ggml_base()
     saved = {}
     for name, x in QUANTIZE_ROWS().items():
         saved[name] = x
         for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q4_K,
                   GGMLType.Q6_K):
-            saved[f"{name}.{t.name}"] = llama_cpp_quantize(lib, x, t)
+            saved[f"{name}.{t.name}"] = quantize_rows(x, t)
     np.savez_compressed(REF / "quantize.npz", **saved)
     digests = {}
     with tempfile.TemporaryDirectory() as tmp:
-        g = GGUFFile(weights.decoder_path())
-        f32 = write_gguf(Path(tmp) / "smollm2-f32.gguf", {**g.metadata, "general.file_type": 0},
-                         {name: t.numpy() for name, t in g.tensors.items()}, types=g.types)
+        f32 = float32_copy(weights.decoder_path(), Path(tmp) / "smollm2-f32.gguf")
         for name, src in (("SmolLM2", f32), ("tiny", write_tiny_decoder(Path(tmp) / "tiny.gguf", **TINY_K_DECODER))):
-            llama_quantize(src, Path(tmp) / "q4_k_m.gguf", 15)                 # LLAMA_FTYPE_MOSTLY_Q4_K_M
-            digests[name] = tensor_digests(Path(tmp) / "q4_k_m.gguf")
+            digests[name] = tensor_digests(quantize_file(src, Path(tmp) / f"{name}-q4_k_m.gguf", "Q4_K_M"))
     (REF / "q4_k_m.json").write_text(json.dumps(digests, indent=0))
     print(f"quantize: {len(QUANTIZE_ROWS())} kinds of rows; Q4_K_M of SmolLM2 ({len(digests['SmolLM2'])} tensors) "
           f"and of the tiny decoder ({len(digests['tiny'])})")

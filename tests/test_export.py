@@ -114,7 +114,7 @@ def test_a_merged_decoder_runs_in_the_fused_path_as_the_adapter_did(tmp_path):
         if k.endswith("lora_b"):
             v[...] = np.random.default_rng(len(k)).standard_normal(v.shape) * 0.05
     lora.save(tmp_path / "a.gguf", model, alpha=8.0)
-    merged = export_decoder(tmp_path / "m.gguf", tiny_decoder, tmp_path / "a.gguf", GGMLType.Q8_0)
+    merged = export_decoder(tmp_path / "m.gguf", tiny_decoder, tmp_path / "a.gguf", "Q8_0")
     quantized = Llama.load(merged, load_matrix=fused.QuantMatrix.from_tensor)
     assert isinstance(quantized.layers[0].wq, fused.QuantMatrix)
     x = model.embed([[5, 17, 900, 3]])

@@ -89,6 +89,12 @@ BLOCK_DTYPE = {GGMLType.Q8_0: Q8_0, GGMLType.Q4_0: Q4_0, GGMLType.Q4_1: Q4_1, GG
                GGMLType.Q4_K: Q4_K, GGMLType.Q6_K: Q6_K}
 
 
+# llama.cpp's file types (llama_ftype, a GGUF's general.file_type) that tinyllava writes, each with the type its
+# matrices default to (export.quant_types: which tensors llama-quantize gives another).
+FILE_TYPES = {"Q4_0": (2, GGMLType.Q4_0), "Q4_1": (3, GGMLType.Q4_1), "Q8_0": (7, GGMLType.Q8_0),
+              "Q5_0": (8, GGMLType.Q5_0), "Q4_K_M": (15, GGMLType.Q4_K)}
+
+
 def nbytes(qtype, shape):
     """Bytes that a tensor of this type and (NumPy) shape takes; the last axis must be whole blocks."""
     per_block, block_bytes = BLOCK_SIZE[qtype]
