@@ -2,8 +2,9 @@
 `pip install llama-cpp-python==0.3.36` compiles llama.cpp, about 25 minutes on two cores.)
 
     python tests/check_llamacpp.py [--projector FILE] [--photos N] [--type q8_0|f32] [--cls reorder|drop] [--json]
-    python tests/check_llamacpp.py --stage 2 [--merged q4_1|q8_0]     # the stage-2 model: its LoRA adapter
+    python tests/check_llamacpp.py --stage 2 [--merged q4_1|q8_0|q4_k_m]    # the stage-2 model: its LoRA adapter
                                                                        # (or merged into a decoder) in llama.cpp
+    python tests/check_llamacpp.py --q4-k-m                            # export --quant Q4_K_M against llama-quantize
 
 For each photo: export the mmproj (python -m tinyllava.export), load it with SmolLM2's GGUF in llama.cpp's
 multimodal library (mtmd), and compare with tinyllava:
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tinyllava import weights  # noqa: E402
 from tinyllava.export import export_decoder, export_mmproj  # noqa: E402
 from tinyllava.decoding import Sampling  # noqa: E402
@@ -49,6 +51,50 @@ def photos(n):
     return out + list(weights.demo_photos().values())[:4]
 
 
+Q4_K_M_PROMPTS = ["What is the capital of France?", "Name three primary colours.", "Why is the sky blue?",
+                  "What do cats like to eat?", "How many legs does a spider have?", "Write one sentence about trains."]
+
+
+def check_q4_k_m(as_json):
+    """`python -m tinyllava.export --decoder out.gguf --quant Q4_K_M` against `llama-quantize` on the same weights
+    (SmolLM2's, dequantized to a float32 GGUF): every tensor's type and bytes. Then tinyllava's file in llama.cpp
+    and in tinyllava (float and integer kernels): greedy answers to a few questions, in ChatML."""
+    from helpers import float32_copy
+    from tinyllava import fused
+    from tinyllava.gguf import GGUFFile
+    from tinyllava.llamacpp import quantize_file
+    from tinyllava.model import Llava, load_decoder
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = export_decoder(Path(tmp) / "ours.gguf", weights.decoder_path(), ftype="Q4_K_M")
+        theirs = quantize_file(float32_copy(weights.decoder_path(), Path(tmp) / "f32.gguf"), Path(tmp) / "theirs.gguf",
+                               "Q4_K_M")
+        a, b = GGUFFile(ours), GGUFFile(theirs)
+        differ = [n for n, t in a.tensors.items() if n not in b.tensors or t.type != b.tensors[n].type or
+                  not np.array_equal(t.data, b.tensors[n].data)]
+        result = {"tensors": len(a.tensors), "their tensors": len(b.tensors), "differing": differ,
+                  "types": {t.name: sum(x.type == t for x in a.tensors.values()) for t in {x.type for x in a.tensors.values()}},
+                  "bytes": ours.stat().st_size, "their bytes": theirs.stat().st_size, "answers": []}
+        cpp = LlamaCpp(model=ours)
+        model, tok = load_decoder(ours, quantized=True)
+        llava = Llava(model, tok)
+        for q in Q4_K_M_PROMPTS:
+            row = {"question": q, "llama.cpp": tok.decode(cpp.answer(tok.chat([{"role": "user", "content": q}]),
+                                                                     n_new=N_NEW))}
+            for name, integer in (("tinyllava float", False), ("tinyllava integer", True)):
+                fused.INTEGER = integer
+                row[name] = llava.answer(q, sampling=Sampling(N_NEW))
+            result["answers"].append(row)
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{result['tensors']} tensors ({result['types']}), {len(differ)} differ from llama-quantize's "
+          f"({result['their tensors']} tensors); {result['bytes']} bytes, llama.cpp's {result['their bytes']}")
+    for row in result["answers"]:
+        print(f"\n{row['question']}")
+        for k in ("llama.cpp", "tinyllava float", "tinyllava integer"):
+            print(f"  {k:18s} {row[k]!r}")
+
+
 def cosine(a, b):
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
@@ -62,10 +108,14 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--stage", type=int, choices=[1, 2], default=1,
                     help="2: the committed stage-2 model (weights/stage2-*.gguf), its adapter given to llama.cpp")
-    ap.add_argument("--merged", choices=["q4_1", "q8_0"],
+    ap.add_argument("--merged", choices=["q4_1", "q8_0", "q4_k_m"],
                     help="stage 2: give llama.cpp a decoder with the adapter merged in and quantized again (and "
                          "tinyllava the same file), instead of the adapter")
+    ap.add_argument("--q4-k-m", action="store_true", help="export --quant Q4_K_M against llama-quantize, and the "
+                                                              "file in llama.cpp (see check_q4_k_m)")
     args = ap.parse_args()
+    if args.q4_k_m:
+        return check_q4_k_m(args.json)
     adapter = None
     if args.stage == 2:
         args.projector, adapter = stage2_paths()
@@ -74,8 +124,7 @@ def main():
                                GGMLType.Q8_0 if args.type == "q8_0" else GGMLType.F32, args.cls)
         model = None
         if args.merged:
-            model = export_decoder(Path(tmp) / "merged.gguf", weights.decoder_path(), adapter,
-                                   GGMLType.Q4_1 if args.merged == "q4_1" else GGMLType.Q8_0)
+            model = export_decoder(Path(tmp) / "merged.gguf", weights.decoder_path(), adapter, args.merged.upper())
             cpp = LlamaCpp(mmproj, model=model)
             llava = load_llava(args.projector, model)
         else:

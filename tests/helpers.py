@@ -147,6 +147,34 @@ def write_tiny_decoder(path, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_di
     return write_gguf(path, meta, t, types=types)
 
 
+# A tiny decoder whose ffn_down rows (256) are whole K-quant super-blocks, and 8 layers for llama-quantize's
+# use_more_bits to choose among: its Q4_K_M has every type SmolLM2's has (tests/reference/q4_k_m.json).
+TINY_K_DECODER = dict(dim=32, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=256, seed=3)
+
+
+def QUANTIZE_ROWS():  # rows of several kinds that quantizers round differently -> {name: float32 [4, 512]}
+    rng = np.random.default_rng(7)
+    shape = (4, 512)
+    return {name: x.astype(np.float32) for name, x in {
+        "normal": rng.standard_normal(shape),
+        "uniform": rng.uniform(-1e-3, 5e-3, shape),                                 # all of one sign mostly
+        "positive": rng.uniform(1, 2, shape),                                       # no negative: minimum > 0
+        "spiky": rng.standard_normal(shape) * (rng.random(shape) < 0.05) * 100,     # mostly zeros, outliers
+        "ties": np.round(rng.standard_normal(shape) * 4) / 4,                       # many equal values
+        "tiny": rng.standard_normal(shape) * 1e-6,                                  # float16 subnormal scales
+        "zeros": np.zeros(shape) * np.where(rng.random(shape) < 0.5, -1, 1),        # +0 and -0
+        "part zeros": rng.standard_normal(shape) * (np.arange(512) % 64 < 20),      # zero sub-blocks
+        "wide": rng.standard_normal(shape) * np.exp(rng.uniform(-8, 8, (4, 1))),    # rows of any scale
+    }.items()}
+
+
+def float32_copy(src, dst):  # a decoder GGUF -> the same with every tensor dequantized to float32 (what
+    from tinyllava.gguf import GGUFFile, write_gguf  # llama-quantize is given to make a Q4_K_M of it)
+    g = GGUFFile(src)
+    return write_gguf(dst, {**g.metadata, "general.file_type": 0}, {name: t.numpy() for name, t in g.tensors.items()},
+                      types=g.types)
+
+
 def tiny_llama(seed=0, dtype=np.float64, **kw):
     cfg = LlamaConfig(**{**dict(vocab_size=61, dim=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=40,
                                rope_theta=10000.0, context_length=64), **kw})

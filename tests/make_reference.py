@@ -1,7 +1,10 @@
-"""Make the reference activations the tests compare against, from torch/transformers on the same weights.
+"""Make the reference activations the tests compare against, from torch/transformers on the same weights, and the
+blocks llama.cpp's own quantizer makes (the `gguf` package cannot make K-quants).
 
     pip install torch==2.13.0 -e ".[reference]"
-    python tests/make_reference.py [tokenizer] [decoder] [generation] ...   (default: all)
+    python tests/make_reference.py [tokenizer] [decoder] [generation] ...   (default: all but quantize)
+    pip install llama-cpp-python==0.3.36        # compiles llama.cpp (the README says how long)
+    python tests/make_reference.py quantize
 
 Writes small files under tests/reference/. The tests read them with NumPy alone (allow_pickle=False), so a
 laptop without torch still checks every layer; where torch is installed they also compare live.
@@ -94,6 +97,41 @@ def make_weight_gradient():
     print(f"weight gradients: {len(grads)} weights, loss {loss:.4f}")
 
 
+# -- llama.cpp's quantizers --------------------------------------------------------------------------------
+def tensor_digests(path):  # {name: [type name, sha256 of its bytes]}
+    import hashlib
+
+    from tinyllava.gguf import GGUFFile
+    return {name: [t.type.name, hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()]
+            for name, t in GGUFFile(path).tensors.items()}
+
+
+def make_quantize():
+    """llama.cpp's blocks for random rows of several kinds (quantize.npz), and what `llama-quantize ... Q4_K_M`
+    makes of float32 decoders (q4_k_m.json: each tensor's type and the sha256 of its bytes): SmolLM2's weights
+    as tinyllava dequantizes them, and the small random decoder of tests/helpers.py that test_export quantizes."""
+    import tempfile
+
+    from helpers import QUANTIZE_ROWS, TINY_K_DECODER, float32_copy, write_tiny_decoder
+    from tinyllava.llamacpp import quantize_file, quantize_rows
+    from tinyllava.quant import GGMLType
+    saved = {}
+    for name, x in QUANTIZE_ROWS().items():
+        saved[name] = x
+        for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q4_K,
+                  GGMLType.Q6_K):
+            saved[f"{name}.{t.name}"] = quantize_rows(x, t)
+    np.savez_compressed(REF / "quantize.npz", **saved)
+    digests = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = float32_copy(weights.decoder_path(), Path(tmp) / "smollm2-f32.gguf")
+        for name, src in (("SmolLM2", f32), ("tiny", write_tiny_decoder(Path(tmp) / "tiny.gguf", **TINY_K_DECODER))):
+            digests[name] = tensor_digests(quantize_file(src, Path(tmp) / f"{name}-q4_k_m.gguf", "Q4_K_M"))
+    (REF / "q4_k_m.json").write_text(json.dumps(digests, indent=0))
+    print(f"quantize: {len(QUANTIZE_ROWS())} kinds of rows; Q4_K_M of SmolLM2 ({len(digests['SmolLM2'])} tensors) "
+          f"and of the tiny decoder ({len(digests['tiny'])})")
+
+
 PARTS = {"tokenizer": make_tokenizer, "decoder": make_decoder, "generation": make_generation,
          "vision": make_vision, "gradient": make_gradient, "weight_gradient": make_weight_gradient}
 
@@ -101,4 +139,4 @@ if __name__ == "__main__":
     REF.mkdir(exist_ok=True)
     weights.decoder_path()
     for name in sys.argv[1:] or PARTS:
-        PARTS[name]()
+        {**PARTS, "quantize": make_quantize}[name]()

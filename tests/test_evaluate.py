@@ -212,3 +212,23 @@ def test_cli_captions_json(synthetic_data, tiny_decoder, tiny_projector, tmp_pat
                 "Describe the image.", "--projector", tiny_projector, "--model", tiny_decoder, "--cache", cache)
     assert r.returncode == 0, r.stderr
     assert "3 images, beam search (2 beams)" in r.stdout and "| BLEU-1 |" in r.stdout
+
+
+def test_cli_perplexity_of_the_decoder_alone(synthetic_data, tiny_decoder):
+    """--perplexity: every caption of the images, each alone after <|endoftext|>, through its end token; the number
+    is exp of the mean negative log-probability, here from one plain forward pass per caption."""
+    from tinyllava.data import load_examples
+    from tinyllava.model import load_decoder
+    from tinyllava.ops import log_softmax
+    data, _ = synthetic_data
+    r = run_cli("--perplexity", "--data", data, "--limit", 3, "--skip", 1, "--model", tiny_decoder, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    dec, tok = load_decoder(tiny_decoder)
+    nll, n = 0.0, 0
+    for caption in [c for e in load_examples(data)[1:4] for c in e.captions]:
+        ids = [0] + tok.encode(caption) + [tok.eos_id]
+        lp = log_softmax(dec.logits(dec.forward(dec.embed([ids]))[0, :-1]))         # position t predicts t + 1
+        nll, n = nll - lp[np.arange(len(ids) - 1), ids[1:]].sum(), n + len(ids) - 1
+    assert out["tokens"] == n and out["texts"] == 3 * len(load_examples(data)[0].captions)
+    assert out["perplexity"] == pytest.approx(np.exp(nll / n), rel=1e-5)

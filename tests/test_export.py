@@ -1,5 +1,9 @@
 """The exported mmproj: llama.cpp's keys and names, and what llama.cpp's LLaVA graph computes from it (simulated
 here in NumPy, following its source; tests/check_llamacpp.py runs the real thing)."""
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -106,7 +110,6 @@ def test_a_merged_decoder_runs_in_the_fused_path_as_the_adapter_did(tmp_path):
     from tinyllava import fused, lora
     from tinyllava.export import export_decoder
     from tinyllava.llama import Llama
-    from tinyllava.quant import GGMLType
     tiny_decoder = write_tiny_decoder(tmp_path / "t.gguf", ffn_dim=64)  # whole blocks of 32
     model = Llama.load(tiny_decoder)
     params = lora.attach(model, rank=4, alpha=8.0)
@@ -114,9 +117,75 @@ def test_a_merged_decoder_runs_in_the_fused_path_as_the_adapter_did(tmp_path):
         if k.endswith("lora_b"):
             v[...] = np.random.default_rng(len(k)).standard_normal(v.shape) * 0.05
     lora.save(tmp_path / "a.gguf", model, alpha=8.0)
-    merged = export_decoder(tmp_path / "m.gguf", tiny_decoder, tmp_path / "a.gguf", GGMLType.Q8_0)
+    merged = export_decoder(tmp_path / "m.gguf", tiny_decoder, tmp_path / "a.gguf", "Q8_0")
     quantized = Llama.load(merged, load_matrix=fused.QuantMatrix.from_tensor)
     assert isinstance(quantized.layers[0].wq, fused.QuantMatrix)
     x = model.embed([[5, 17, 900, 3]])
     want, got = model.logits(model.forward(x)), quantized.logits(quantized.forward(x))
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()   # Q8_0's rounding of W + s B A
+
+
+# -- Q4_K_M, as llama-quantize makes it --------------------------------------------------------------------------
+def llama_quantize():  # what llama-quantize made (tests/make_reference.py quantize): {decoder: {name: digest}}
+    return json.loads((Path(__file__).parent / "reference" / "q4_k_m.json").read_text())
+
+
+def digest(t):  # a tensor's type and the sha256 of its bytes, as tests/make_reference.py records llama.cpp's
+    return [GGMLType(t.type).name, hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()]
+
+
+def test_q4_k_m_of_a_small_decoder_is_llama_quantizes_file(tmp_path):
+    """Every tensor of `export --quant Q4_K_M` (the types llama-quantize picks, and its blocks bit for bit) against
+    what llama.cpp's llama_model_quantize made of the same float32 decoder: 8 layers, so that use_more_bits picks
+    Q6_K for some attn_v and ffn_down and Q4_K for others, with rows of 32 (Q4_K and Q6_K fall back to Q5_0 and
+    Q8_0) and of 256 (ffn_down: K-quants)."""
+    from helpers import TINY_K_DECODER, write_tiny_decoder
+    from tinyllava.export import export_decoder
+    src = write_tiny_decoder(tmp_path / "tiny.gguf", **TINY_K_DECODER)
+    g = GGUFFile(export_decoder(tmp_path / "q4_k_m.gguf", src, ftype="Q4_K_M"))
+    assert {name: digest(t) for name, t in g.tensors.items()} == llama_quantize()["tiny"]
+    assert {GGMLType(t.type).name for t in g.tensors.values()} == {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+    assert g.metadata["general.file_type"] == 15 and g.metadata["general.quantization_version"] == 2
+
+
+def test_q4_k_m_of_smollm2_types_and_blocks():
+    """SmolLM2's Q4_K_M: each of its 211 matrices gets the type llama-quantize gave it, and a few of them (one of
+    each type: the K-quants are the slow ones to make) the same blocks, from SmolLM2's weights as tinyllava reads
+    them (its Q4_1 and Q8_0 blocks dequantized: what llama-quantize was given, as float32)."""
+    from tinyllava import quant
+    from tinyllava.export import quant_types
+    g = GGUFFile(weights.decoder_path())
+    want = llama_quantize()["SmolLM2"]
+    types = quant_types({n: t.shape for n, t in g.tensors.items() if len(t.shape) == 2}, "Q4_K_M", 30)
+    assert {n: t.name for n, t in types.items()} == {n: d[0] for n, d in want.items() if d[0] != "F32"}
+    for name in ["blk.0.ffn_down.weight", "blk.3.ffn_down.weight", "blk.0.attn_q.weight", "blk.0.attn_v.weight"]:
+        t = types[name]
+        blocks = quant.quantize(g.tensors[name].numpy(), t)
+        assert [t.name, hashlib.sha256(blocks.tobytes()).hexdigest()] == want[name], name
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_a_q4_k_m_decoder_runs_fused(tmp_path, integer, monkeypatch):
+    """A Q4_K_M file in the fused path (Q5_0, Q8_0, Q4_K and Q6_K kept as blocks; the compiled step) against the
+    same weights dequantized to float32: logits after a prompt and after decoding steps. The float kernels to
+    rounding (1e-4 of the largest logit); the integer ones within the bound test_fused sets on SmolLM2 (0.1: x
+    rounded to 8 bits per block of 32, through every layer; this tiny random decoder measured 0.029)."""
+    from helpers import TINY_K_DECODER, write_tiny_decoder
+    from tinyllava import fused
+    from tinyllava.export import export_decoder
+    from tinyllava.fused_llama import FusedLlama
+    from tinyllava.llama import KVCache, Llama
+    from tinyllava.model import load_decoder
+    monkeypatch.setattr(fused, "INTEGER", integer)
+    path = export_decoder(tmp_path / "q4_k_m.gguf", write_tiny_decoder(tmp_path / "t.gguf", **TINY_K_DECODER),
+                          ftype="Q4_K_M")
+    ref, (model, tok) = Llama.load(path), load_decoder(path, quantized=True)
+    assert isinstance(model, FusedLlama) and model.compiled() is not None
+    assert {m.type for layer in model.layers for m in (layer.wv, layer.w_down)} == {
+        GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.Q6_K}
+    ids = tok.encode(tok.chat([{"role": "user", "content": "Name three rivers of Europe."}]))
+    caches = [KVCache(m.cfg, 1, len(ids) + 8) for m in (ref, model)]
+    tol = 0.1 if integer else 1e-4
+    for t in [ids] + [[t] for t in ids[:6]]:                          # the prompt (tiles), then the compiled step
+        logits = [m.logits(m.forward(m.embed([t]), c)[0, -1]) for m, c in zip((ref, model), caches)]
+        assert np.abs(logits[1] - logits[0]).max() < tol * np.abs(logits[0]).max()

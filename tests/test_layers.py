@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinyllava"
 LIBRARY_COMMANDS = {"gguf": "shows a GGUF file", "weights": "fetches the weights", "data": "builds a data set",
                     "instruct": "writes instruction data", "convert": "converts the CLIP ONNX"}
 # modules without a command line that belong to an application: its parts
-PARTS = {"trace": "generate's --trace", "llamacpp": "bench's llama.cpp column"}
+PARTS = {"trace": "generate's --trace", "llamacpp": "bench's llama.cpp column (and llama-quantize, for the checks)"}
 # application -> the applications it may use, and why
 USES = {"generate": {"trace"},        # --trace prints through trace.py
         "bench": {"llamacpp", "export"},  # the llama.cpp column: llamacpp.py drives it on an exported mmproj

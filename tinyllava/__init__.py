@@ -13,6 +13,7 @@
         parallel.py              training on several processes (MPI)
         train.py                 both stages (an application: python -m tinyllava.train)
     08  fused.py, fused_llama.py products that keep the weights quantized; a decoded token in one compiled call
+        simd.py                  the x86 instructions those products use (float16 scales, byte multiplies)
         runtime.py               the process's threads (decided in one place), its memory, numba's compiling
     09  metrics.py               BLEU, CIDEr-D, ROUGE-L; objects named and hallucinated (CHAIR)
         everything together: generate.py, trace.py (python -m tinyllava.generate [--trace]), evaluate.py;

@@ -3,6 +3,7 @@
     python -m tinyllava.bench                 # one markdown table (a few minutes)
     python -m tinyllava.bench --threads 1 --json
     python -m tinyllava.bench --profile       # where the fused engine's time goes
+    python -m tinyllava.bench --engines fused,fused-int,llama.cpp --model smollm2-q4_k_m.gguf   # another decoder
 
 Every engine runs in its own subprocess, so its peak RSS (VmHWM) is its own, with the same thread count
 (OMP/OpenBLAS/MKL/numba threads, torch.set_num_threads, llama.cpp n_threads). Each measures, on the same
@@ -17,6 +18,10 @@ token ids and the same GGUF files:
                          the prompt and the decoded tokens (VmHWM of that worker); and, with the fused
                          engine, of the README's first command itself (python -m tinyllava.generate)
 
+The fused engine decodes with the float kernels (the reference: every CPU computes alike);
+fused-int is the same engine on the integer kernels (TINYLLAVA_INTEGER_KERNELS=1), not run unless asked for.
+--model FILE gives tinyllava's engines, llama.cpp and torch another decoder GGUF (a Q4_K_M export, say).
+
 Timings on a shared machine are noisy: compare engines within one run, not across runs. When other work
 keeps the cores busy, every engine's threads wait for each other (the README measures by how much): then
 `--threads 1` is the fair comparison.
@@ -30,9 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("fused", "reference", "llama.cpp", "torch")
-COLUMNS = {"fused": "tinyllava fused", "reference": "tinyllava reference float32",
-           "llama.cpp": "llama.cpp (llama-cpp-python)", "torch": "torch/transformers"}
+ENGINES = ("fused", "fused-int", "reference", "llama.cpp", "torch")
+DEFAULT_ENGINES = ("fused", "reference", "llama.cpp", "torch")
+COLUMNS = {"fused": "tinyllava fused", "fused-int": "tinyllava fused, integer kernels",
+           "reference": "tinyllava reference float32", "llama.cpp": "llama.cpp (llama-cpp-python)",
+           "torch": "torch/transformers"}
 PROMPT = ("Describe the picture in detail. " * 60)  # tokenized, then cut to --prompt-tokens ids
 
 
@@ -91,7 +98,7 @@ def run_tinyllava(args, fused):
     from .vit import Clip
     from .weights import decoder_path, vision_path
     load_matrix = fused_mod.QuantMatrix.from_tensor if fused else None
-    paths = decoder_path(), vision_path()  # verified (sha256) before the clock starts
+    paths = args.model or decoder_path(), vision_path()  # verified (sha256) before the clock starts
     ids = args.ids
     runtime.keep_freed_memory()
 
@@ -125,7 +132,9 @@ def run_tinyllava(args, fused):
     out = {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.decode_tokens / decode_s,
            "vision_s": vision, "peak_rss_mb": rss_mb("VmHWM"), "memory_mb": memory}
     if fused:
+        from . import simd
         out["engine"] = fused_mod.ENGINE
+        out["kernels"] = f"integer ({simd.INSTRUCTIONS})" if fused_mod.INTEGER else "float"
     return out
 
 
@@ -145,7 +154,7 @@ def run_llama_cpp(args):
         if not args.ttft and default_projector_path().exists():
             mmproj = export_mmproj(Path(tmp) / "mmproj.gguf", vision_path(), Projector.load(default_projector_path()))
         t0 = time.perf_counter()
-        cpp = LlamaCpp(mmproj, args.threads, extra_buffer_types=not args.no_extra_bufts)
+        cpp = LlamaCpp(mmproj, args.threads, extra_buffer_types=not args.no_extra_bufts, model=args.model)
     llm = cpp.llm
 
     def prefill():
@@ -183,7 +192,7 @@ def run_torch(args):
     from .reference import clip_vision_model, llama_causal_lm
     from .weights import decoder_path, vision_path
     torch.set_num_threads(args.threads)
-    path, ids = decoder_path(), torch.tensor([args.ids])
+    path, ids = args.model or decoder_path(), torch.tensor([args.ids])
     t0 = time.perf_counter()
     model = llama_causal_lm(path)
 
@@ -264,7 +273,7 @@ def profile_table(prof):
 def worker(args):
     if args.profile:
         return run_profile(args)
-    if args.worker == "fused":
+    if args.worker in ("fused", "fused-int"):
         return run_tinyllava(args, fused=True)
     if args.worker == "reference":
         return run_tinyllava(args, fused=False)
@@ -274,7 +283,8 @@ def worker(args):
 
 
 # -- running the workers ---------------------------------------------------------------------------------
-NEEDS = {"fused": (), "reference": (), "llama.cpp": ("llama_cpp",), "torch": ("torch", "transformers", "gguf")}
+NEEDS = {"fused": (), "fused-int": (), "reference": (), "llama.cpp": ("llama_cpp",),
+         "torch": ("torch", "transformers", "gguf")}
 
 
 def installed(engine):
@@ -296,9 +306,11 @@ def failure(returncode, stderr):  # why a process failed, in one line
 def spawn(engine, args, ids, extra=()):
     """Run one engine in a fresh Python with the thread count fixed. -> (result dict or None, error text)"""
     env = thread_env(args.threads)
+    if engine == "fused-int":
+        env["TINYLLAVA_INTEGER_KERNELS"] = "1"
     cmd = [sys.executable, "-m", "tinyllava.bench", "--worker", engine, "--threads", str(args.threads),
            "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens), "--ids", ",".join(map(str, ids)),
-           *extra]
+           *(["--model", str(args.model)] if args.model else []), *extra]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -338,7 +350,7 @@ def collect(args):
     ids = prompt_ids(args.prompt_tokens)
     results, notes = {}, {}
     fused = "fused" in args.engines
-    if fused:  # fill numba's on-disk cache, so TTFT is not a compile
+    if fused or "fused-int" in args.engines:  # fill numba's on-disk cache, so TTFT is not a compile
         subprocess.run([sys.executable, "-c", "from tinyllava import bench; bench.warm_numba()"], timeout=args.timeout)
     for engine in args.engines:
         if not installed(engine):
@@ -364,7 +376,7 @@ def collect(args):
     return {"threads": args.threads, "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens,
             "reps": args.reps, "cpu": cpu_name(), "vector_extensions": vector_extensions(),
             "numba_target": numba_target(), "cores": os.cpu_count(), "load_average": load_average(),
-            "model_files_mb": model_files_mb(), "results": results, "generate": first_command,
+            "model_files_mb": model_files_mb(args.model), "results": results, "generate": first_command,
             "errors": {k: v for k, v in notes.items() if v}, "ratios": ratios(results)}
 
 
@@ -424,9 +436,9 @@ def numba_target():  # the CPU numba compiles the fused loops for: the host's, o
         llvm.get_host_cpu_name()
 
 
-def model_files_mb():
+def model_files_mb(model=None):
     from .weights import decoder_path, vision_path
-    return {p.name: p.stat().st_size / 1e6 for p in (decoder_path(), vision_path())}
+    return {p.name: p.stat().st_size / 1e6 for p in (Path(model or decoder_path()), vision_path())}
 
 
 def ratios(results):
@@ -492,6 +504,9 @@ def table(report):
     lc = res.get("llama.cpp")
     if lc and not lc.get("extra_bufts", True):
         notes.append("llama.cpp ran with use_extra_bufts=False: its AMX weight buffers crash on this VM.")
+    kernels = [f"{COLUMNS[e]}: {res[e]['kernels']}" for e in ("fused", "fused-int") if res.get(e) and "kernels" in res[e]]
+    if kernels:
+        notes.append("decoding kernels: " + "; ".join(kernels) + ".")
     f = res.get("fused")
     if f:
         notes.append("fused memory (MB, RSS after each stage): " +
@@ -508,7 +523,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (median; 3)")
     ap.add_argument("--prompt-tokens", type=int, default=220, help="prompt length (220, an image prompt)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per repetition (32)")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                    help=f"comma-separated subset of {','.join(ENGINES)} (default: all but fused-int)")
+    ap.add_argument("--model", help="the decoder GGUF for every engine (default: the fetched SmolLM2)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed per engine (900)")
     ap.add_argument("--profile", action="store_true",
                     help="instead of the table: where the fused engine's time goes (cProfile, per stage)")

@@ -3,6 +3,7 @@
     python -m tinyllava.evaluate --data data/flickr8k --split dev --limit 100 [--json]
     python -m tinyllava.evaluate --data data/flickr8k --split dev --limit 100 --captions [--json]
     python -m tinyllava.evaluate --vqa questions.json [--images DIR] [--limit N] [--json]
+    python -m tinyllava.evaluate --perplexity --data data/flickr8k --split test --limit 1000 [--model FILE] [--json]
 
 Loss and retrieval (the default), from log p(caption | image) of the first captions of K images:
 - caption loss per token given the true image, a shuffled (wrong) image, and no image at all
@@ -19,6 +20,10 @@ chat answer to TEXT instead), scored against all the image's human captions by B
 (metrics.py, the COCO caption evaluation's numbers), and by the objects it names (coverage of the objects two
 captions agree on, CHAIR hallucination: metrics.description_scores). --beams K: beam search instead of greedy.
 Detailed descriptions: --captions --prompt "Describe this image in detail." -n 120.
+
+--perplexity: the decoder alone (no image) on every human caption of the --limit images, each caption its own
+text after <|endoftext|>: exp of the mean negative log-probability of its tokens and the end token. A measure of
+the language model's weights (the float32 path, whatever the file's types), e.g. of a --model quantized again.
 
 --vqa FILE: the chat answer to each question about its image, scored by exact match after VQA's answer
 normalization; yes/no questions also by POPE's accuracy, precision, recall, F1 and yes-ratio; questions about
@@ -75,6 +80,15 @@ def caption_logprobs(decoder, prefix, captions):
             lp = log_softmax(decoder.logits(h[j, :len(c) - 1]))                   # [len-1, vocab]
             out[j] += lp[np.arange(len(c) - 1), c[1:]].sum()
     return out, np.array([len(c) for c in captions])
+
+
+def perplexity(decoder, tok, texts, batch=64):  # -> (exp(mean -log p per token), tokens scored)
+    """Each text alone after <|endoftext|>, scored through its end token: caption_logprobs with that prefix."""
+    ids = caption_ids(tok, texts)
+    logp = np.concatenate([caption_logprobs(decoder, decoder.embed([0]), ids[i:i + batch])[0]
+                           for i in range(0, len(ids), batch)])
+    tokens = sum(map(len, ids))
+    return float(np.exp(-logp.sum() / tokens)), tokens
 
 
 def retrieval(logp, logp_none):
@@ -362,6 +376,8 @@ def main(argv=None):
     ap.add_argument("--prompt", help="--captions: the chat answer to this instead of the plain template's caption")
     ap.add_argument("--beams", type=int, default=1, help="--captions: beam search with this many beams (1: greedy)")
     ap.add_argument("--vqa", metavar="FILE", help="answer the questions of this file and score them")
+    ap.add_argument("--perplexity", action="store_true",
+                    help="the decoder's perplexity on the human captions of --data (no image; see above)")
     ap.add_argument("--images", help="the folder the image paths of --vqa FILE (default: beside it) or of a LLaVA "
                                      "JSON --data start from")
     ap.add_argument("-n", "--n-predict", type=int, default=40, help="most tokens per caption or answer (40)")
@@ -378,10 +394,26 @@ def main(argv=None):
     with cli_errors("tinyllava.evaluate"):
         from . import fused, runtime
         from .data import Example, FeatureCache, load_examples
-        from .model import load_llava, load_tower
+        from . import lora
+        from .model import load_decoder, load_llava, load_tower
         from .weights import vision_path
-        if args.captions and args.vqa:
-            raise TinyLlavaError("--captions and --vqa are two different evaluations: give one")
+        if args.captions + bool(args.vqa) + args.perplexity > 1:
+            raise TinyLlavaError("--captions, --vqa and --perplexity are different evaluations: give one")
+        if args.perplexity:
+            if not args.data:
+                raise TinyLlavaError("--perplexity needs --data (a folder with pairs.jsonl, or a LLaVA JSON)")
+            examples = load_examples(args.data, args.images, split=args.split, on_error=args.on_error)
+            texts = [c for e in examples[args.skip:args.skip + args.limit] for c in e.captions]
+            if not texts:
+                raise TinyLlavaError(f"{args.data}: no captions left after --skip {args.skip}")
+            decoder, tok = load_decoder(args.model)
+            if args.adapter:
+                lora.load(args.adapter, decoder)
+            ppl, tokens = perplexity(decoder, tok, texts, args.batch * 4)
+            r = {"perplexity": ppl, "tokens": tokens, "texts": len(texts), "model": str(args.model or "SmolLM2")}
+            print(json.dumps(r) if args.json else f"perplexity {ppl:.3f} on {len(texts)} captions ({tokens} tokens), "
+                                                  f"{r['model']}")
+            return
         if args.no_retrieval and (args.captions or args.vqa):
             raise TinyLlavaError("--no-retrieval belongs to the loss mode (without --captions or --vqa)")
         if not args.vqa and not args.data:

@@ -3,14 +3,17 @@
 
     python -m tinyllava.export --mmproj tinyllava-mmproj.gguf [--projector FILE] [--type q8_0|f16|f32]
     llama-mtmd-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --mmproj tinyllava-mmproj.gguf --image cat.jpg -p "..."
-    python -m tinyllava.export --decoder merged.gguf --adapter weights/stage2-lora.gguf [--decoder-type q8_0|q4_1]
+    python -m tinyllava.export --decoder merged.gguf --adapter weights/stage2-lora.gguf [--quant Q8_0|Q4_1|Q4_K_M|...]
+    python -m tinyllava.export --decoder smollm2-q4_k_m.gguf --quant Q4_K_M    # `llama-quantize ... Q4_K_M`
 
 A stage-2 LoRA adapter needs no export: tinyllava writes it in llama.cpp's own adapter format
-(`llama-mtmd-cli ... --lora weights/stage2-lora.gguf`). The merged decoder (W + s B A in every adapted matrix,
-or a --full run's decoder.gguf) is quantized again with tinyllava's own quantizers (quant.py): every matrix Q8_0
-by default, or Q4_1 as in SmolLM2's file (the embedding stays Q8_0); norms stay float32. Q4_1 loses what stage 2
-taught: SmolLM2's weights already sit on its grid, and the update s B A is mostly smaller than half a step of it,
-so rounding puts most weights back where they were (the README has the measurement).
+(`llama-mtmd-cli ... --lora weights/stage2-lora.gguf`). The decoder (SmolLM2, with an adapter merged in: W + s B A
+in every adapted matrix, or a --full run's decoder.gguf) is quantized again with tinyllava's own quantizers
+(quant.py), each tensor to the type llama.cpp's `llama-quantize` gives it for the same --quant (quant_types, from
+llama.cpp's src/llama-quant.cpp), so the blocks are the ones llama-quantize writes from the same float weights.
+Norms stay float32. Q8_0 is the default. Q4_1 loses what stage 2 taught: SmolLM2's weights already sit on its
+grid, and the update s B A is mostly smaller than half a step of it, so rounding puts most weights back where
+they were (the README has the measurement).
 
 What llama.cpp (as vendored in llama-cpp-python 0.3.36) computes, and how this file makes it tinyllava's:
 - feature layer: `clip.vision.feature_layer = [11]` makes it run blocks 0..10 and take their output: LLaVA's
@@ -30,10 +33,11 @@ import sys
 
 import numpy as np
 
+from . import quant
 from .errors import TinyLlavaError, cli_errors
 from .gguf import GGUFFile, ValueType, write_gguf
 from .projector import KINDS, Projector
-from .quant import GGMLType
+from .quant import FILE_TYPES, GGMLType
 
 
 def export_mmproj(out, tower_path, proj, qtype=GGMLType.Q8_0, cls="reorder"):
@@ -75,25 +79,54 @@ def export_mmproj(out, tower_path, proj, qtype=GGMLType.Q8_0, cls="reorder"):
     return write_gguf(out, meta, tensors, types=types)
 
 
-def export_decoder(out, decoder_path, adapter=None, matrices=GGMLType.Q4_1):
-    """The decoder (with the adapter merged, if one is given) quantized again: token_embd Q8_0, the other
-    matrices `matrices`, the norms float32; the metadata and tensor order of the original file."""
-    from . import lora, quant
+def use_more_bits(i, n):  # llama-quant.cpp: the first and last eighth of the layers, and every third between
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def quant_types(shapes, ftype, n_layers):
+    """{tensor name: (n_out, n_in)} -> {name: GGMLType}: the type llama.cpp's `llama-quantize` (llama_tensor_get_type
+    in src/llama-quant.cpp, as llama-cpp-python 0.3.36 vendors it) gives each 2-D weight of a llama decoder with no
+    experts, for these file types. Q4_K_M: attn_v and ffn_down of the layers use_more_bits picks get Q6_K, the
+    rest Q4_K. The token embedding, which is also the output matrix here (tied), gets Q6_K unless the type is
+    Q8_0. Then a row that is not whole blocks falls back: Q4_K to Q5_0, Q6_K to Q8_0 (SmolLM2's rows of 576 are
+    2.25 blocks of 256, so its Q4_K_M is mostly Q5_0 and Q8_0: only ffn_down, rows of 1536, is a K-quant)."""
+    default = FILE_TYPES[ftype][1]
+    types = {}
+    for name, (n_out, n_in) in shapes.items():
+        t, layer = default, int(name.split(".")[1]) if name.startswith("blk.") else -1
+        if name in ("output.weight", "token_embd.weight"):  # token_embd: tied, as llama-quantize assumes
+            tied = name == "token_embd.weight" and "output.weight" not in shapes
+            if name == "output.weight" or tied:
+                t = GGMLType.Q8_0 if n_in % quant.BLOCK_SIZE[t][0] or t == GGMLType.Q8_0 else GGMLType.Q6_K
+        elif ftype == "Q4_K_M" and name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(layer, n_layers):
+            t = GGMLType.Q6_K
+        if n_in % quant.BLOCK_SIZE[t][0]:                    # tensor_type_fallback
+            t = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q6_K: GGMLType.Q8_0}[t]
+        types[name] = t
+    return types
+
+
+def export_decoder(out, decoder_path, adapter=None, ftype="Q4_1"):
+    """The decoder (with the adapter merged, if one is given) quantized again as `llama-quantize` would for file
+    type `ftype` (FILE_TYPES); the norms float32; the metadata and tensor order of the original file."""
+    from . import lora
     from .gguf import GGUFTensor
     from .llama import Llama
+    if ftype not in FILE_TYPES:
+        raise TinyLlavaError(f"--quant must be one of {', '.join(FILE_TYPES)}, not {ftype!r}")
     decoder = Llama.load(decoder_path)
     if adapter:
         lora.load(adapter, decoder)
+    weights = {name: (w.merged() if isinstance(w, lora.LoRA) else w) for name, w in decoder.named_weights().items()}
+    types = quant_types({name: w.shape for name, w in weights.items() if w.ndim == 2}, ftype, decoder.cfg.n_layers)
     tensors = {}
-    for name, w in decoder.named_weights().items():
-        w = w.merged() if isinstance(w, lora.LoRA) else w
+    for name, w in weights.items():
         if w.ndim == 1:
             tensors[name] = np.ascontiguousarray(w, np.float32)
-            continue
-        qtype = GGMLType.Q8_0 if name == "token_embd.weight" else matrices
-        tensors[name] = GGUFTensor(name, qtype, w.shape, quant.quantize(w, qtype))
+        else:
+            tensors[name] = GGUFTensor(name, types[name], w.shape, quant.quantize(w, types[name]))
     g = decoder.gguf
-    meta = {**g.metadata, "general.file_type": {GGMLType.Q4_1: 3, GGMLType.Q8_0: 7}[matrices]}
+    meta = {**g.metadata, "general.file_type": FILE_TYPES[ftype][0], "general.quantization_version": 2}
     if adapter:
         meta["general.name"] = f"{g.get('general.name', 'decoder')} + tinyllava stage-2 LoRA (merged)"
     order = {name: i for i, name in enumerate(g.tensors)}
@@ -109,9 +142,9 @@ def main(argv=None):
     ap.add_argument("--adapter", help="a stage-2 LoRA adapter GGUF to merge into the decoder")
     ap.add_argument("--model", help="the decoder GGUF to start from (default: the fetched SmolLM2; a --full run's "
                                     "decoder.gguf)")
-    ap.add_argument("--decoder-type", choices=["q8_0", "q4_1"], default="q8_0",
-                    help="the merged decoder's matrices (the embedding is always Q8_0, as in SmolLM2's file); q4_1 "
-                         "is smaller but rounds most of the adapter's update away")
+    ap.add_argument("--quant", type=str.upper, choices=list(FILE_TYPES), default="Q8_0",
+                    help="the decoder's types, as llama-quantize's file type of that name (Q4_K_M: its mix of Q4_K, "
+                         "Q6_K and their fallbacks); Q4_1 is SmolLM2's own, and rounds most of an adapter's update away")
     ap.add_argument("--projector", help="projector GGUF (default: weights/projector.gguf)")
     ap.add_argument("--type", choices=["q8_0", "f16", "f32"], default="q8_0",
                     help="matrix type: q8_0 keeps the 8-bit weights (smallest); f32 makes llama.cpp compute in f32")
@@ -128,8 +161,7 @@ def main(argv=None):
             qtype = {"q8_0": GGMLType.Q8_0, "f16": GGMLType.F16, "f32": GGMLType.F32}[args.type]
             outs.append(export_mmproj(args.mmproj, vision_path(), proj, qtype, args.cls))
         if args.decoder:
-            outs.append(export_decoder(args.decoder, args.model or decoder_path(), args.adapter,
-                                       {"q4_1": GGMLType.Q4_1, "q8_0": GGMLType.Q8_0}[args.decoder_type]))
+            outs.append(export_decoder(args.decoder, args.model or decoder_path(), args.adapter, args.quant))
         for out in outs:
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
 

@@ -19,8 +19,8 @@ The README's "Speed and memory" has what this step saves.
 """
 import numpy as np
 
-from . import fused, runtime
-from .fused import QK, block_sums, jit, matvec_group, numba, prange, readonly
+from . import fused, runtime, simd
+from .fused import QK, activations, jit, matvec_group, numba, prange, readonly
 from .llama import MATRICES, Llama, rope_angles
 from .lora import LoRA
 
@@ -50,14 +50,14 @@ def add_lora(y, a, lora_a, lora_b, scales, m):  # y [n_out] += s B (A a), matrix
     t = np.zeros(A.shape[0], np.float32)                                      # [r] = A a
     for i in range(A.shape[0]):
         for c in range(0, A.shape[1], 64):                                    # row i + 2, a cache line at a time
-            fused.prefetch(fa, min((i + 2) * A.shape[1] + c, fa.shape[0] - 1))
+            simd.prefetch(fa, min((i + 2) * A.shape[1] + c, fa.shape[0] - 1))
         for j in range(a.shape[0]):
-            t[i] += fused.f16(A[i], 2 * j) * a[j]
+            t[i] += simd.f16(A[i], 2 * j) * a[j]
     for o in range(B.shape[0]):
-        fused.prefetch(fb, min((o + 32) * B.shape[1], fb.shape[0] - 1))
+        simd.prefetch(fb, min((o + 32) * B.shape[1], fb.shape[0] - 1))
         acc = np.float32(0)
         for i in range(t.shape[0]):
-            acc += fused.f16(B[o], 2 * i) * t[i]
+            acc += simd.f16(B[o], 2 * i) * t[i]
         y[o] += s * acc
 
 
@@ -105,7 +105,7 @@ def add(x, y):  # x [1, d] += y [1, d] (a loop: an array expression would be a p
 
 
 @jit(fastmath=True)  # not inlined: compiled once for all of step's products (numba is slow to compile)
-def products(w, kinds, m, n, x, xsum, y, t0, t1):  # groups t0..t1 of y [1, sum n_out] = x [1, n_in] @ W.T
+def products(w, kinds, m, n, x, act, y, t0, t1):  # groups t0..t1 of y [1, sum n_out] = x [1, n_in] @ W.T
     """W: the n matrices from m on, their rows one after the other (q, k and v; or gate and up), cut into
     groups of 4 rows (fused.matvec_group); t counts the groups through all n. A call per thread's share, which
     takes each matrix out of the list w once (an atomic update of its reference count), not one per group."""
@@ -114,7 +114,7 @@ def products(w, kinds, m, n, x, xsum, y, t0, t1):  # groups t0..t1 of y [1, sum 
         wi = w[i]                                                             # [n_out, row bytes]
         flat, part, g = wi.reshape(-1), y[:, row:row + wi.shape[0]], (wi.shape[0] + 3) // 4   # [bytes], [1, n_out]
         for t in range(max(t0, first), min(t1, first + g)):
-            matvec_group(wi, flat, x, xsum, part, t - first, kinds[i], QK // 2)
+            matvec_group(wi, flat, x, act, part, t - first, kinds[i], QK // 2)
         first, row = first + g, row + wi.shape[0]
 
 
@@ -129,9 +129,9 @@ def rows_of(w, m, n):  # the output rows, and groups of 4, of the n matrices fro
 @jit(inline="always", fastmath=True)
 def product(w, kinds, m, n, x, parts):  # x [1, n_in] @ W.T, the n matrices from m on -> [1, their rows together]
     rows, groups = rows_of(w, m, n)
-    y, xsum = np.empty((1, rows), np.float32), block_sums(x)                 # [1, rows], [1, n_in / 32]
+    y, act = np.empty((1, rows), np.float32), activations(x, kinds[m])       # [1, rows]; x's 8-bit form or sums
     for p in prange(parts):                                                   # a share for each thread
-        products(w, kinds, m, n, x, xsum, y, p * groups // parts, (p + 1) * groups // parts)
+        products(w, kinds, m, n, x, act, y, p * groups // parts, (p + 1) * groups // parts)
     return y
 
 
@@ -239,7 +239,7 @@ class FusedLlama(Llama):
         mats = [getattr(layer, f) for layer in self.layers for f in MATRICES]
         parts = mats + [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)]
         parts += [p for m in mats if type(m) is LoRA for p in (m.w, m.a, m.b, m.scale)]
-        key = tuple(map(id, parts))              # ids compare in C: this runs for every token
+        key = (fused.INTEGER, *map(id, parts))   # ids compare in C: this runs for every token
         if getattr(self, "_compiled_key", None) != key:
             self._compiled, self._compiled_key, self._compiled_parts = self._compile(mats), key, parts  # parts
         return self._compiled                                                   # kept alive: their ids stay unique
@@ -258,5 +258,6 @@ class FusedLlama(Llama):
             return None
         n, as_bytes = len(MATRICES), lambda a: readonly(a.view(np.uint8))                  # float16 [r, n] -> [r, 2 n]
         return (as_list([readonly(a) for a in norms], 2), as_list([b.w for b in bases], n),
-                np.array([fused.KERNELS[b.type] for b in bases]), as_list([as_bytes(a) for a, _, _ in adapters], n),
+                np.array([fused.KERNELS[b.type] + (fused.INT8 if fused.INTEGER else 0) for b in bases]),
+                as_list([as_bytes(a) for a, _, _ in adapters], n),
                 as_list([as_bytes(b) for _, b, _ in adapters], n), np.array([s for _, _, s in adapters], np.float32))

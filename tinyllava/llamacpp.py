@@ -4,14 +4,41 @@ tinyllava's exported files must run in (tests/check_llamacpp.py) and that the be
     cpp = LlamaCpp(mmproj="tinyllava-mmproj.gguf", threads=2)
     tokens = cpp.embeddings(rgb)            # llama.cpp's image tokens [196, 576] for an RGB uint8 picture
     ids = cpp.answer(prompt, tokens)        # greedy, with MARKER in the prompt where the image goes
+    quantize_file(src, dst, "Q4_K_M")       # llama-quantize src dst Q4_K_M
+    blocks = quantize_rows(x, GGMLType.Q4_K)    # ggml's reference quantizer on float32 rows
 
 Needs `pip install llama-cpp-python==0.3.36`, which compiles llama.cpp from source (the README says how long).
 """
 import ctypes
+from pathlib import Path
 
 import numpy as np
 
-from . import weights
+from . import quant, weights
+
+def quantize_file(src, dst, ftype, threads=2):
+    """llama.cpp's `llama-quantize src dst FTYPE` (llama_model_quantize); src: a float32 or float16 GGUF."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = quant.FILE_TYPES[ftype][0], threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src}")
+    return Path(dst)
+
+
+def quantize_rows(x, qtype):
+    """float32 [rows, n] -> llama.cpp's blocks [rows, bytes per row]: ggml_quantize_chunk of llama-cpp-python's
+    libggml-base, which without an importance matrix runs ggml's reference quantizers (quantize_row_q4_K_ref, ...),
+    the ones llama-quantize runs."""
+    import llama_cpp
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.zeros((x.shape[0], quant.nbytes(qtype, x.shape[1:])), np.uint8)
+    lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
+    return out
 
 MARKER = "<__media__>"
 
@@ -91,16 +118,17 @@ class LlamaCpp:
             lc.llama_batch_free(batch)
         return n_past + n
 
-    def answer(self, prompt, image_tokens, n_new=24):
-        """Greedy continuation of `prompt` (MARKER where the image goes), with llama.cpp's decoder, the
-        image as the given tokens [196, 576], the text through llama.cpp's own tokenizer. -> token ids"""
+    def answer(self, prompt, image_tokens=None, n_new=24):
+        """Greedy continuation of `prompt` (MARKER where the image goes, if there is one), with llama.cpp's decoder,
+        the image as the given tokens [196, 576], the text through llama.cpp's own tokenizer. -> token ids"""
         lc = self.lc
         lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
-        before, after = prompt.split(MARKER)
+        before, after = prompt.split(MARKER) if image_tokens is not None else (prompt, "")
         n_past = 0
         if before:
             n_past = self._decode(n_past, ids=self.llm.tokenize(before.encode(), add_bos=False, special=True))
-        n_past = self._decode(n_past, emb=image_tokens)
+        if image_tokens is not None:
+            n_past = self._decode(n_past, emb=image_tokens)
         if after:
             n_past = self._decode(n_past, ids=self.llm.tokenize(after.encode(), add_bos=False, special=True))
         vocab, out = lc.llama_model_get_vocab(self.llm.model), []
