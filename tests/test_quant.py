@@ -13,7 +13,7 @@ from tinyllava.quant import BLOCK_SIZE, GGMLType, dequantize, quantize
 DEQUANT = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0,
            GGMLType.Q4_K, GGMLType.Q6_K]
 QUANT = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0]
-LLAMA_CPP = np.load(Path(__file__).parent / "reference" / "quantize.npz")
+LLAMA_CPP = np.load(Path(__file__).parent / "reference" / "quantize.npz", allow_pickle=False)
 
 
 def random_blocks(qtype, n_blocks, rng):
