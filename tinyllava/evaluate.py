@@ -84,9 +84,8 @@ def caption_logprobs(decoder, prefix, captions):
 
 def perplexity(decoder, tok, texts, batch=64):  # -> (exp(mean -log p per token), tokens scored)
     """Each text alone after <|endoftext|>, scored through its end token: caption_logprobs with that prefix."""
-    ids = caption_ids(tok, texts)
-    logp = np.concatenate([caption_logprobs(decoder, decoder.embed([0]), ids[i:i + batch])[0]
-                           for i in range(0, len(ids), batch)])
+    ids, prefix = caption_ids(tok, texts), decoder.embed([0])                # 0: <|endoftext|>
+    logp = np.concatenate([caption_logprobs(decoder, prefix, ids[i:i + batch])[0] for i in range(0, len(ids), batch)])
     tokens = sum(map(len, ids))
     return float(np.exp(-logp.sum() / tokens)), tokens
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import quant, weights
 
+
 def quantize_file(src, dst, ftype, threads=2):
     """llama.cpp's `llama-quantize src dst FTYPE` (llama_model_quantize); src: a float32 or float16 GGUF."""
     import llama_cpp
